@@ -1,0 +1,122 @@
+"""GPU correctness of xqa_jit.xqa_mla: the DeepSeek-V2/V3 latent form (q (B, Hq, 576), kv (N, P, 576) or
+(N, P, 1, 576), values = first 512 of the row) for 16/32/64/128 heads, bf16/fp16 and an e4m3 cache
+with kv_scale; and the seed doc's [K | V] form (N, P, Hkv, 2D), which runs on the decode kernel.
+
+Tolerances (out.float() against the float64 reference on the same inputs):
+  fp16 q: torch.testing.assert_close atol=rtol=5e-3, and ||out - ref|| / ||ref|| <= 2e-3
+  bf16 q: torch.testing.assert_close atol=rtol=3e-2, and ||out - ref|| / ||ref|| <= 1e-2
+  e4m3 cache (reference on the dequantised cache): norm bound 2e-3 (fp16 q) / 5e-3 (bf16 q, whose own
+    output rounding is ~1.7e-3 RMS relative); elementwise bounds as for q's dtype.
+  lse: atol 1e-3 (fp16) / 5e-3 (bf16) on finite entries; -inf exactly where the reference has it.
+Scores use DeepSeek-V3's softmax scale 192^-0.5 * mscale^2 (mscale = 0.1 ln 40 + 1), as a caller would.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import xqa_jit
+from helpers import (
+    BF16, E4M3, F16, GPU_MARKS, Kernel, MlaKernel, assert_attn_close, assert_lse_close, dequantize,
+    edge_lens, kernel_ids, make_latent_kv, make_q,
+)
+from xqa_jit.reference import mla_reference
+
+pytestmark = GPU_MARKS
+
+TOL = {
+    F16: dict(atol=5e-3, rtol=5e-3, max_rel=2e-3, lse_atol=1e-3),
+    BF16: dict(atol=3e-2, rtol=3e-2, max_rel=1e-2, lse_atol=5e-3),
+}
+FP8_MAX_REL = {F16: 2e-3, BF16: 5e-3}
+DEV = "cuda"
+DEEPSEEK_SM_SCALE = 192 ** -0.5 * (0.1 * math.log(40.0) + 1.0) ** 2
+Q_STD = 0.7  # q.k over 576 dims: std 24 * 0.7 * 0.135 ~ 2.3 units of logit
+
+LATENT = [MlaKernel(BF16, BF16, 16), MlaKernel(BF16, BF16, 32), MlaKernel(BF16, BF16, 64),
+          MlaKernel(BF16, BF16, 128), MlaKernel(F16, F16, 16), MlaKernel(F16, F16, 128)]
+LATENT_FP8 = [MlaKernel(BF16, E4M3, 16), MlaKernel(BF16, E4M3, 128), MlaKernel(F16, E4M3, 64)]
+# The [K | V] form is paged decode over two strided halves: these decode kernels (shared with
+# test_decode_gpu.py) with (Hkv, group) = (2, 4) and (1, 8).
+SEED = [Kernel(F16, F16, 128, 4), Kernel(BF16, BF16, 64, 8)]
+SPECS = set(LATENT + LATENT_FP8 + SEED)
+
+
+def tol(k) -> dict:
+    t = dict(TOL[k.q])
+    if k.kv == E4M3:
+        t["max_rel"] = FP8_MAX_REL[k.q]
+    return t
+
+
+def check_mla(q, kv, table, lens, *, t, msg, kv_scale=None, **kw):
+    out, lse = xqa_jit.xqa_mla(q, kv, table, lens, kv_scale=kv_scale, return_lse=True, **kw)
+    ref_kv = dequantize(kv, kv_scale) if kv.dtype == E4M3 else kv
+    ref, ref_lse = mla_reference(q, ref_kv, table, lens, return_lse=True, **kw)
+    assert out.dtype == q.dtype, msg
+    assert_attn_close(out, ref, atol=t["atol"], rtol=t["rtol"], max_rel=t["max_rel"], msg=msg)
+    assert_lse_close(lse, ref_lse, atol=t["lse_atol"], msg=msg)
+    return out, lse
+
+
+def latent_case(k: MlaKernel, gen, P, lens, three_d):
+    kv, table, seq = make_latent_kv(lens, P, 576, k.kv, DEV, gen=gen, hkv=None if three_d else 1)
+    q = make_q(len(lens), k.heads, 576, k.q, gen, std=Q_STD, device=DEV)
+    return q, kv, table, seq
+
+
+@pytest.mark.parametrize("k", LATENT, ids=kernel_ids)
+def test_latent(gen, k):
+    for P, three_d in [(1, True), (64, False), (256, True), (16, False)]:
+        lens = edge_lens(P, gen, longest=3000)
+        q, kv, table, seq = latent_case(k, gen, P, lens, three_d)
+        out, lse = check_mla(q, kv, table, seq, t=tol(k), sm_scale=DEEPSEEK_SM_SCALE,
+                             msg=f"{k.name} P={P} 3d={three_d} lens={lens}")
+        assert out.shape == (len(lens), k.heads, 512) and lse.shape == (len(lens), k.heads)
+        assert not out[0].any() and torch.isneginf(lse[0]).all()
+    # one long request (split over the sequence), and a wide batch
+    q, kv, table, seq = latent_case(k, gen, 64, [16000], True)
+    check_mla(q, kv, table, seq, t=tol(k), sm_scale=DEEPSEEK_SM_SCALE, msg=f"{k.name} long")
+    lens = torch.randint(0, 1200, (32,), generator=gen).tolist()
+    q, kv, table, seq = latent_case(k, gen, 64, lens, False)
+    check_mla(q, kv, table, seq, t=tol(k), sm_scale=DEEPSEEK_SM_SCALE, v_head_dim=512, msg=f"{k.name} batch 32")
+
+
+@pytest.mark.parametrize("k", LATENT_FP8, ids=kernel_ids)
+def test_latent_fp8(gen, k):
+    scales = [0.5, torch.tensor([1.7], device=DEV), None, 1.0]
+    for (P, three_d), sc in zip([(1, True), (64, False), (256, True), (16, False)], scales):
+        lens = edge_lens(P, gen, longest=3000)
+        q, kv, table, seq = latent_case(k, gen, P, lens, three_d)
+        check_mla(q, kv, table, seq, t=tol(k), kv_scale=sc, sm_scale=DEEPSEEK_SM_SCALE,
+                  msg=f"{k.name} P={P} 3d={three_d} kv_scale={sc}")
+    q, kv, table, seq = latent_case(k, gen, 64, [16000, 7], True)
+    check_mla(q, kv, table, seq, t=tol(k), kv_scale=0.8, sm_scale=DEEPSEEK_SM_SCALE, msg=f"{k.name} long")
+
+
+@pytest.mark.parametrize("k", LATENT[3:4], ids=kernel_ids)
+def test_latent_out_and_default_scale(gen, k):
+    """out= (NaN-poisoned) is fully written; the default sm_scale is 1/sqrt(576)."""
+    lens = edge_lens(64, gen) + [9000]
+    q, kv, table, seq = latent_case(k, gen, 64, lens, False)
+    out = torch.full((len(lens), k.heads, 512), float("nan"), dtype=k.q, device=DEV)
+    res = xqa_jit.xqa_mla(q, kv, table, seq, out=out)
+    assert res.data_ptr() == out.data_ptr() and not torch.isnan(out).any()
+    ref = mla_reference(q, kv, table, seq)
+    t = tol(k)
+    assert_attn_close(out, ref, atol=t["atol"], rtol=t["rtol"], max_rel=t["max_rel"], msg="default sm_scale")
+
+
+@pytest.mark.parametrize("k", SEED, ids=kernel_ids)
+def test_seed_form(gen, k):
+    hkv = 128 // k.d  # (2, 4) for D=128, (1, 8) for D=64
+    for P in (16, 1, 64):
+        lens = edge_lens(P, gen)
+        kv, table, seq = make_latent_kv(lens, P, 2 * k.d, k.kv, DEV, gen=gen, hkv=hkv)
+        q = make_q(len(lens), hkv * k.group, k.d, k.q, gen, device=DEV)
+        out, lse = check_mla(q, kv, table, seq, t=tol(k), msg=f"{k.name} seed form P={P}")
+        assert out.shape == q.shape
+        check_mla(q, kv, table, seq, t=tol(k), sm_scale=0.2, head_dim=k.d, page_size=P, num_kv_heads=hkv,
+                  msg=f"{k.name} seed form P={P} explicit dims")
