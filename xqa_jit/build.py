@@ -298,7 +298,9 @@ def _compile(p: BuildPlan, tmp: Path, verbose: bool) -> None:
     _cuda_home_for_torch()
     src = tmp / SRC_NAME
     src.write_text(p.source)
-    name = f"xqa_{p.key[:24]}"
+    # A fresh name per build: cpp_extension skips a build whose name and sources it has seen
+    # before in this process, so rebuilding a damaged entry (or retrying) would yield no library.
+    name = f"xqa_{p.key[:16]}_{uuid.uuid4().hex[:8]}"
     cpp.load(name=name, sources=[str(src)], extra_cuda_cflags=list(p.flags),
              build_directory=str(tmp), verbose=verbose, is_python_module=False, with_cuda=True)
     built = tmp / f"{name}.so"
@@ -326,6 +328,7 @@ def _sweep_tmp(tmp_root: Path, max_age_s: float = 3600.0) -> None:
 
 def build(p: BuildPlan, verbose: bool | None = None) -> dict:
     """Build ``p`` into the cache unless a complete entry exists; return its meta."""
+    check_root_safe(p.entry.parent)  # before trusting an entry: loads too, not only builds
     meta = read_entry(p.entry, p.key)
     if meta is not None:
         return meta
