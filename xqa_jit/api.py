@@ -8,6 +8,7 @@ XQA_JIT_DEBUG=1 the kernel reports the first bad one and this module raises.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import struct
 
@@ -21,8 +22,42 @@ _KV_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16",
               torch.float8_e4m3fn: "e4m3", torch.float8_e5m2: "e5m2"}
 _POS_MODES = ("NONE", "ROPE_LLAMA")
 
-# Must match `struct Params` in templates/decode.cu.jinja: 46 int64 fields, then 3 doubles.
-_PARAMS = struct.Struct("<46q3d")
+# Must match `struct Params` in templates/decode.cu.jinja: 16 pointers, 30 int64 fields, 3 doubles.
+# The pointers change every call; the rest is packed once per call signature.
+_HEAD = struct.Struct("<16q")
+_TAIL = struct.Struct("<30q3d")
+_raw_stream = torch._C._cuda_getCurrentRawStream
+
+
+class _Plan:
+    """What one call signature resolves to: kernel, split plan and the packed constant params."""
+
+    __slots__ = ("mod", "launch", "dev", "debug", "splits", "invf_ptr", "lse_shape", "sink_fix",
+                 "ks_tensor", "vs_tensor", "mask_fix", "units", "ws_floats", "ml_off", "tail")
+
+
+def _upcast_sinks(t):
+    return t.float().contiguous()
+
+
+def _contiguous(t):
+    return t.contiguous()
+
+
+_ENV: dict = {}
+
+
+def _debug() -> bool:
+    """XQA_JIT_DEBUG, read at the first launch (call refresh_env() after changing it)."""
+    v = _ENV.get("debug")
+    if v is None:
+        v = _ENV["debug"] = _build._env_flag("XQA_JIT_DEBUG")
+    return v
+
+
+def refresh_env() -> None:
+    """Re-read XQA_JIT_DEBUG (it is read once, at the first launch, to keep launches cheap)."""
+    _ENV.clear()
 
 # Split-KV policy (see benchmarks/NOTES.md): fill the GPU with at least one wave of blocks, never cut
 # a request into pieces shorter than MIN_CHUNK tokens, and bound any one block's work by MAX_CHUNK so
@@ -33,6 +68,11 @@ MAX_CHUNK = int(os.environ.get("XQA_JIT_MAX_CHUNK", "4096"))
 
 def _fail(exc, msg):
     raise exc(msg)
+
+
+def _is_device_ok(t: torch.Tensor) -> bool:
+    """Whether q's device can run the kernels (CUDA). One hook, so CPU tests can reach every later check."""
+    return t.is_cuda
 
 
 def _dev_index(t: torch.Tensor) -> int:
@@ -66,16 +106,26 @@ _PLANS: dict = {}
 
 def _split_plan(mod, dev: int, units: int, span: int):
     """(splits, chunk tokens) for `units` (request, KV head, row chunk) triples whose key span is at
-    most `span` tokens. Depends on shapes only, so a captured CUDA graph stays valid."""
+    most `span` tokens. Depends on shapes only, so a captured CUDA graph stays valid.
+
+    FlashAttention's rule: among split counts s, take the smallest whose wave efficiency
+    (blocks / (waves * resident blocks)) is within 85% of the best; then bound each block's work by
+    MAX_CHUNK tokens so that one long request among short ones cannot become the tail."""
     key = (id(mod), dev, units, span)
     pl = _PLANS.get(key)
     if pl is not None:
         return pl
     tile = mod.info["tile_tokens"]
     target = _sm_count(dev) * _occupancy(mod, dev)
-    fill = 1 if units >= target else -(-target // units)
+    max_s = max(1, min(128, -(-span // MIN_CHUNK)))
+
+    def eff(s):
+        n = units * s
+        return n / (-(-n // target) * target)
+
+    best = max(eff(s) for s in range(1, max_s + 1))
+    fill = next(s for s in range(1, max_s + 1) if eff(s) >= 0.85 * best)
     chunk = -(-max(span, 1) // fill)
-    chunk = max(chunk, MIN_CHUNK)
     chunk = min(chunk, max(MAX_CHUNK, MIN_CHUNK))
     chunk = -(-chunk // tile) * tile
     splits = max(1, -(-span // chunk))
@@ -145,6 +195,18 @@ def _check_aligned(name, t, strides_elems, esize):
 _SPECS: dict = {}
 
 
+def _tsig(t):
+    return (t.shape, t.stride(), t.dtype, t.device)
+
+
+def _ssig(x):
+    return x if x is None or not isinstance(x, torch.Tensor) else _tsig(x)
+
+
+_CALLS: dict = {}
+_MAX_CALLS = 4096
+
+
 def xqa(q, k_cache, v_cache, page_table, seq_lens, head_dim=None, page_size=None,
         num_kv_heads=None, *, kv_layout="NHD", sm_scale=None, pos_encoding_mode="NONE",
         rope_scale=1.0, rope_theta=1e4, sliding_window_size=-1, sinks=None, k_scale=None,
@@ -174,13 +236,100 @@ def xqa(q, k_cache, v_cache, page_table, seq_lens, head_dim=None, page_size=None
                            num_kv_heads, kv_layout, sm_scale, pos_encoding_mode, rope_scale,
                            rope_theta, sliding_window_size, sinks, k_scale, v_scale, kv_scale,
                            spec_mask, out, return_lse)
+    # Everything the checks look at, as one key: a repeat call (same shapes, strides, dtypes,
+    # devices and options) skips straight to the launch.
+    try:
+        sig = (q.shape, q.stride(), q.dtype, q.device, k_cache.shape, k_cache.stride(),
+               k_cache.dtype, k_cache.device, v_cache.shape, v_cache.stride(), v_cache.dtype,
+               v_cache.device, page_table.shape, page_table.stride(), page_table.dtype,
+               page_table.device, seq_lens.shape, seq_lens.stride(), seq_lens.dtype,
+               seq_lens.device, head_dim, page_size, num_kv_heads, kv_layout, sm_scale,
+               pos_encoding_mode, rope_scale, rope_theta, sliding_window_size,
+               None if sinks is None else _tsig(sinks), _ssig(k_scale), _ssig(v_scale),
+               _ssig(kv_scale), None if spec_mask is None else _tsig(spec_mask),
+               None if out is None else _tsig(out), return_lse, _debug())
+        pl = _CALLS.get(sig)
+    except (AttributeError, TypeError):  # not tensors, unhashable options: the checks will say
+        sig = pl = None
+    if pl is None:
+        pl = _plan_xqa(q, k_cache, v_cache, page_table, seq_lens, head_dim, page_size,
+                       num_kv_heads, kv_layout=kv_layout, sm_scale=sm_scale,
+                       pos_encoding_mode=pos_encoding_mode, rope_scale=rope_scale,
+                       rope_theta=rope_theta, sliding_window_size=sliding_window_size, sinks=sinks,
+                       k_scale=k_scale, v_scale=v_scale, kv_scale=kv_scale, spec_mask=spec_mask,
+                       out=out, return_lse=return_lse)
+        if sig is not None:
+            if len(_CALLS) >= _MAX_CALLS:
+                _CALLS.clear()
+            _CALLS[sig] = pl
+    if out is None:
+        out = torch.empty_like(q)
+    qp, kp, vp, op = q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr()
+    if (qp | kp | vp | op) & 15:
+        for name, ptr in (("q", qp), ("k_cache", kp), ("v_cache", vp), ("out", op)):
+            if ptr & 15:
+                _fail(ValueError, f"{name} must start on a 16-byte boundary (data_ptr % 16 = "
+                                  f"{ptr & 15}): 16-byte vector loads are used")
+    lse = None
+    lp = 0
+    if pl.lse_shape is not None:
+        lse = torch.empty(pl.lse_shape, dtype=torch.float32, device=q.device)
+        lp = lse.data_ptr()
+    sp = 0
+    if sinks is not None:
+        if pl.sink_fix is not None:
+            sinks = pl.sink_fix(sinks)
+        sp = sinks.data_ptr()
+        if sp & 3:
+            _fail(ValueError, f"sinks must start on a 4-byte boundary (data_ptr % 4 = {sp & 3})")
+    if kv_scale is not None:
+        k_scale = v_scale = kv_scale
+    ksp = k_scale.data_ptr() if pl.ks_tensor else 0
+    vsp = v_scale.data_ptr() if pl.vs_tensor else 0
+    mp = 0
+    if pl.mask_fix is not None or (spec_mask is not None and pl.mod.spec.tree):
+        if pl.mask_fix is not None:
+            spec_mask = pl.mask_fix(spec_mask)
+        mp = spec_mask.data_ptr()
+    dev = pl.dev
+    stream = _raw_stream(dev)
+    part = ml = cnt = 0
+    if pl.splits > 1:
+        ws = _WS.get((dev, stream))
+        if ws is None:
+            ws = _WS[(dev, stream)] = _Workspace()
+        pt_, cnt_ = ws.get(pl.ws_floats, pl.units, q.device)
+        part = pt_.data_ptr()
+        ml = part + pl.ml_off
+        cnt = cnt_.data_ptr()
+    err = None
+    ep = 0
+    if pl.debug:
+        err = torch.zeros(4, dtype=torch.int32, device=q.device)
+        ep = err.data_ptr()
+    params = _HEAD.pack(qp, kp, vp, op, lp, page_table.data_ptr(), seq_lens.data_ptr(), sp, ksp,
+                        vsp, mp, pl.invf_ptr, part, ml, cnt, ep) + pl.tail
+    rc = pl.launch(params, stream, dev)
+    if rc:
+        raise RuntimeError(f"xqa_jit: launching {pl.mod.spec.name} failed: CUDA error {rc} "
+                           f"({_cuda_error_name(rc)})")
+    if err is not None:
+        _raise_device_error(err, "xqa")
+    return (out, lse) if return_lse else out
+
+
+def _plan_xqa(q, k_cache, v_cache, page_table, seq_lens, head_dim=None, page_size=None,
+        num_kv_heads=None, *, kv_layout="NHD", sm_scale=None, pos_encoding_mode="NONE",
+        rope_scale=1.0, rope_theta=1e4, sliding_window_size=-1, sinks=None, k_scale=None,
+        v_scale=None, kv_scale=None, spec_mask=None, out=None, return_lse=False):
+    """Every host-side check of xqa, once per call signature; returns the launch plan."""
     # ---------------------------------------------------------------- q
     if not isinstance(q, torch.Tensor):
         _fail(TypeError, f"q must be a torch.Tensor, got {type(q).__name__}")
     qt = _Q_DTYPES.get(q.dtype)
     if qt is None:
         _fail(TypeError, f"q must be float16 or bfloat16, got {q.dtype}")
-    if not q.is_cuda:
+    if not _is_device_ok(q):
         _fail(ValueError, f"q must be a CUDA tensor, got device {q.device}")
     device = q.device
     qd = q.dim()
@@ -235,7 +384,8 @@ def xqa(q, k_cache, v_cache, page_table, seq_lens, head_dim=None, page_size=None
     if Dk != D:
         _fail(ValueError, f"k_cache head_dim (last dim) is {Dk} but q.shape[-1] is {D}")
     if k_sd != 1 or v_sd != 1:
-        _fail(ValueError, f"the caches' last dimension must be contiguous; strides k={ks}, v={vs}")
+        name, st = ("k_cache", ks) if k_sd != 1 else ("v_cache", vs)
+        _fail(ValueError, f"{name}'s last dimension must be contiguous (stride 1), got strides {st}")
     if page_size is not None and page_size != P:
         _fail(ValueError, f"page_size={page_size} disagrees with the cache's page dimension {P} "
                           f"(kv_layout={kv_layout})")
@@ -286,16 +436,23 @@ def xqa(q, k_cache, v_cache, page_table, seq_lens, head_dim=None, page_size=None
     else:
         _fail(ValueError, f"sliding_window_size must be -1 (off) or a positive int, got "
                           f"{sliding_window_size!r}")
+    for name, val in (("sm_scale", sm_scale), ("rope_scale", rope_scale), ("rope_theta", rope_theta)):
+        if val is not None and not isinstance(val, numbers.Real):
+            _fail(TypeError, f"{name} must be a Python float, got {type(val).__name__}")
+    if rope and not (rope_scale > 0 and rope_theta > 0):
+        _fail(ValueError, f"rope_scale and rope_theta must be positive, got rope_scale={rope_scale}, "
+                          f"rope_theta={rope_theta}")
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(D)
     if kv_scale is not None:
         if k_scale is not None or v_scale is not None:
             _fail(ValueError, "pass either kv_scale or k_scale/v_scale, not both")
         k_scale = v_scale = kv_scale
-    ksf, ksp, ksh = _scale_arg("k_scale", k_scale, Hkv, device)
-    vsf, vsp, vsh = _scale_arg("v_scale", v_scale, Hkv, device)
+    kname, vname = ("kv_scale", "kv_scale") if kv_scale is not None else ("k_scale", "v_scale")
+    ksf, ksp, ksh = _scale_arg(kname, k_scale, Hkv, device)
+    vsf, vsp, vsh = _scale_arg(vname, v_scale, Hkv, device)
     sink_form = "none"
-    sink_ptr = 0
+    sinks_fix = None
     n_sink = ks_ss = ks_sh = 0
     if sinks is not None:
         if not isinstance(sinks, torch.Tensor):
@@ -304,30 +461,32 @@ def xqa(q, k_cache, v_cache, page_table, seq_lens, head_dim=None, page_size=None
             _fail(ValueError, f"sinks is on {sinks.device} but q is on {device}")
         if sinks.dim() == 1:
             if sinks.shape[0] != Hq:
-                _fail(ValueError, f"per-head sinks must have shape (num_qo_heads,) = ({Hq},), got "
-                                  f"{tuple(sinks.shape)}")
+                _fail(ValueError, f"sinks: per-head sinks must have shape (num_qo_heads,) = ({Hq},), "
+                                  f"got {tuple(sinks.shape)}")
             if not sinks.is_floating_point():
                 _fail(TypeError, f"sinks must be a float tensor, got {sinks.dtype}")
             if sinks.dtype != torch.float32 or sinks.stride(0) != 1:
-                sinks = sinks.float().contiguous()  # models store them in bf16; upcast once
+                sinks_fix = _upcast_sinks  # models store them in bf16: upcast (each call)
+                sinks = sinks_fix(sinks)
             sink_form = "per_head"
         elif sinks.dim() == 3:
             if sinks.shape[1] != Hkv or sinks.shape[2] != D:
-                _fail(ValueError, f"sink keys must have shape (S, num_kv_heads={Hkv}, head_dim={D}), "
-                                  f"got {tuple(sinks.shape)}")
+                _fail(ValueError, f"sinks: sink keys must have shape (S, num_kv_heads={Hkv}, "
+                                  f"head_dim={D}), got {tuple(sinks.shape)}")
             if sinks.dtype != q.dtype:
-                _fail(TypeError, f"sink keys must have q's dtype {q.dtype}, got {sinks.dtype}")
+                _fail(TypeError, f"sinks: sink keys must have q's dtype {q.dtype}, got {sinks.dtype}")
             if sinks.stride(2) != 1 or sinks.data_ptr() % 4 or sinks.stride(0) % 2 or sinks.stride(1) % 2:
-                sinks = sinks.contiguous()
+                sinks_fix = _contiguous
+                sinks = sinks_fix(sinks)
             n_sink = sinks.shape[0]
             ks_ss, ks_sh = sinks.stride(0), sinks.stride(1)
             sink_form = "keys"
         else:
             _fail(ValueError, f"sinks must have shape (Hq,) = ({Hq},) or (S, Hkv, D) = (S, {Hkv}, {D}),"
                               f" got {tuple(sinks.shape)}")
-        sink_ptr = sinks.data_ptr()
     tree = False
-    mask_ptr = m_sb = m_si = 0
+    m_sb = m_si = 0
+    mask_fix = None
     if spec_mask is not None:
         if Lq == 1 and qd == 3:
             _fail(ValueError, "spec_mask needs q of shape (B, Lq, Hq, D) with Lq > 1")
@@ -340,10 +499,10 @@ def xqa(q, k_cache, v_cache, page_table, seq_lens, head_dim=None, page_size=None
             _fail(ValueError, f"spec_mask must have shape (B, Lq, Lq) = ({B}, {Lq}, {Lq}), got "
                               f"{tuple(spec_mask.shape)}")
         if spec_mask.stride(2) != 1:
+            mask_fix = _contiguous
             spec_mask = spec_mask.contiguous()
         if Lq > 1:
             tree = True
-            mask_ptr = spec_mask.data_ptr()
             m_sb, m_si = spec_mask.stride(0), spec_mask.stride(1)
     esize = k_cache.element_size()
     _check_aligned("q", q, (q_sb, q_si, q_sh), 2)
@@ -351,7 +510,7 @@ def xqa(q, k_cache, v_cache, page_table, seq_lens, head_dim=None, page_size=None
     _check_aligned("v_cache", v_cache, (v_sp, v_ss, v_sh), esize)
     # ---------------------------------------------------------------- outputs
     if out is None:
-        out = torch.empty(q.shape, dtype=q.dtype, device=device)
+        out = torch.empty_like(q)  # what the fast path allocates: same strides every call
     else:
         if not isinstance(out, torch.Tensor) or out.dtype != q.dtype:
             _fail(TypeError, f"out must be a {q.dtype} tensor, got "
@@ -369,15 +528,9 @@ def xqa(q, k_cache, v_cache, page_table, seq_lens, head_dim=None, page_size=None
         o_si = 0
     else:
         o_sb, o_si, o_sh = os_[0], os_[1], os_[2]
-    lse = None
-    lse_ptr = lse_sb = lse_si = 0
-    if return_lse:
-        lse = torch.empty((B, Hq) if qd == 3 else (B, Lq, Hq), dtype=torch.float32, device=device)
-        lse_ptr = lse.data_ptr()
-        lse_sb, lse_si = Lq * Hq, Hq
-    # ---------------------------------------------------------------- kernel, plan, launch
+    # ---------------------------------------------------------------- kernel and plan
     dev = _dev_index(q)
-    debug = _build._env_flag("XQA_JIT_DEBUG")
+    debug = _debug()
     skey = (qt, kvt, D, group, Lq, window > 0, sink_form, rope, tree, debug, dev)
     mod = _SPECS.get(skey)
     if mod is None:
@@ -390,41 +543,27 @@ def xqa(q, k_cache, v_cache, page_table, seq_lens, head_dim=None, page_size=None
     span = min(cap, window + Lq - 1) if window else cap
     units = B * Hkv * mod.info["row_chunks"]
     splits, chunk = _split_plan(mod, dev, units, span)
-    stream = torch._C._cuda_getCurrentRawStream(dev)
-    part_ptr = ml_ptr = cnt_ptr = 0
-    if splits > 1:
-        ws = _WS.get((dev, stream))
-        if ws is None:
-            ws = _WS[(dev, stream)] = _Workspace()
-        rb = mod.info["rows_per_block"]
-        npart = units * splits
-        part, cnt = ws.get(npart * rb * (D + 2), units, device)
-        part_ptr = part.data_ptr()
-        ml_ptr = part_ptr + npart * rb * D * 4
-        cnt_ptr = cnt.data_ptr()
     invf_ptr = 0
     if rope:
         from .rope import inv_freq
 
         invf_ptr = inv_freq(D, rope_theta, rope_scale, device).data_ptr()
-    err = None
-    if debug:
-        err = torch.zeros(4, dtype=torch.int32, device=device)
-    params = _PARAMS.pack(
-        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), lse_ptr,
-        page_table.data_ptr(), seq_lens.data_ptr(), sink_ptr, ksp, vsp, mask_ptr, invf_ptr,
-        part_ptr, ml_ptr, cnt_ptr, 0 if err is None else err.data_ptr(),
+    pl = _Plan()
+    pl.mod, pl.launch, pl.dev, pl.debug, pl.splits, pl.invf_ptr = mod, mod.launch, dev, debug, splits, invf_ptr
+    pl.lse_shape = ((B, Hq) if qd == 3 else (B, Lq, Hq)) if return_lse else None
+    pl.sink_fix = sinks_fix
+    pl.ks_tensor, pl.vs_tensor = ksp != 0, vsp != 0
+    pl.mask_fix = mask_fix if tree else None
+    rb = mod.info["rows_per_block"]
+    pl.units = units
+    pl.ws_floats = units * splits * rb * (D + 2)
+    pl.ml_off = units * splits * rb * D * 4
+    pl.tail = _TAIL.pack(
         B, Hkv, M, N, P.bit_length() - 1, splits, chunk, window, n_sink,
         q_sb, q_si, q_sh, o_sb, o_si, o_sh, k_sp, k_ss, k_sh, v_sp, v_ss, v_sh,
-        page_table.stride(0), m_sb, m_si, ks_ss, ks_sh, lse_sb, lse_si, ksh, vsh,
+        page_table.stride(0), m_sb, m_si, ks_ss, ks_sh, Lq * Hq, Hq, ksh, vsh,
         float(sm_scale), ksf, vsf)
-    rc = mod.launch(params, stream, dev)
-    if rc:
-        raise RuntimeError(f"xqa_jit: launching {mod.spec.name} failed: CUDA error {rc} "
-                           f"({_cuda_error_name(rc)})")
-    if err is not None:
-        _raise_device_error(err, "xqa")
-    return (out, lse) if return_lse else out
+    return pl
 
 
 def _cuda_error_name(rc: int) -> str:
@@ -459,6 +598,11 @@ def xqa_mla(q, kv_cache, page_table, seq_lens, head_dim=None, page_size=None, nu
     as sm_scale (DeepSeek-V3: 192**-0.5 * mscale**2); the default 1/sqrt(q.shape[-1]) suits only the
     seed form. kv_scale dequantises an FP8 cache. Positions, seq_lens, page_table, lse: as xqa.
     """
+    if torch.compiler.is_compiling():
+        from .ops import xqa_mla_op_call
+
+        return xqa_mla_op_call(q, kv_cache, page_table, seq_lens, head_dim, page_size, num_kv_heads,
+                               v_head_dim, sm_scale, kv_scale, out, return_lse)
     from .mla import mla_dispatch
 
     return mla_dispatch(q, kv_cache, page_table, seq_lens, head_dim, page_size, num_kv_heads,
