@@ -145,6 +145,24 @@ class _Workspace:
         self.old = []
 
     def get(self, floats: int, counters: int, device):
+        if (self.part is not None and self.part.numel() >= floats and self.cnt is not None
+                and self.cnt.numel() >= counters):
+            return self.part, self.cnt
+        if torch.cuda.is_current_stream_capturing():
+            self._grow(floats, counters, device)  # inside a capture: the graph's pool owns it
+        else:
+            # On a private stream, so CUDA-graph memory pools (e.g. torch.compile's
+            # reduce-overhead warmup, which claims the current stream's allocations) never own
+            # memory that this module keeps alive across calls.
+            cur = torch.cuda.current_stream(device)
+            side = _side_stream(device)
+            side.wait_stream(cur)
+            with torch.cuda.stream(side):
+                self._grow(floats, counters, device)
+            cur.wait_stream(side)
+        return self.part, self.cnt
+
+    def _grow(self, floats, counters, device):
         if self.part is None or self.part.numel() < floats:
             if self.part is not None:
                 self.old.append(self.part)
@@ -154,7 +172,37 @@ class _Workspace:
                 self.old.append(self.cnt)
             # zeroed once; each merge resets its counter to 0 for the next launch
             self.cnt = torch.zeros(max(counters, 1024), dtype=torch.int32, device=device)
-        return self.part, self.cnt
+
+
+_LAST_WS: dict = {}
+
+
+def _workspace(dev: int, stream: int) -> _Workspace:
+    """The split-KV scratch of (device, stream). Eager streams each get their own, so concurrent
+    streams never share partials or counters. A stream being captured into a CUDA graph borrows
+    the device's last eager workspace (its warm-up run: torch.cuda.graph and torch.compile's
+    reduce-overhead both warm up eagerly first), so no scratch is allocated inside the graph's
+    memory pool and kept alive by this module."""
+    ws = _WS.get((dev, stream))
+    if ws is None:
+        if torch.cuda.is_current_stream_capturing():
+            ws = _LAST_WS.get(dev)
+        if ws is None:
+            ws = _Workspace()
+        _WS[(dev, stream)] = ws
+    if _LAST_WS.get(dev) is not ws and not torch.cuda.is_current_stream_capturing():
+        _LAST_WS[dev] = ws
+    return ws
+
+
+_SIDE: dict = {}
+
+
+def _side_stream(device):
+    s = _SIDE.get(device)
+    if s is None:
+        s = _SIDE[device] = torch.cuda.Stream(device)
+    return s
 
 
 _WS: dict = {}
@@ -295,10 +343,7 @@ def xqa(q, k_cache, v_cache, page_table, seq_lens, head_dim=None, page_size=None
     stream = _raw_stream(dev)
     part = ml = cnt = 0
     if pl.splits > 1:
-        ws = _WS.get((dev, stream))
-        if ws is None:
-            ws = _WS[(dev, stream)] = _Workspace()
-        pt_, cnt_ = ws.get(pl.ws_floats, pl.units, q.device)
+        pt_, cnt_ = _workspace(dev, stream).get(pl.ws_floats, pl.units, q.device)
         part = pt_.data_ptr()
         ml = part + pl.ml_off
         cnt = cnt_.data_ptr()

@@ -17,7 +17,6 @@ import torch
 
 from . import build as _build
 from .api import (
-    _WS,
     _cuda_error_name,
     _dev_index,
     _fail,
@@ -25,7 +24,7 @@ from .api import (
     _raise_device_error,
     _scale_arg,
     _sm_count,
-    _Workspace,
+    _workspace,
 )
 from .spec import MlaSpec, SpecError
 
@@ -226,9 +225,7 @@ def mla_latent(q, kv_cache, page_table, seq_lens, page_size=None, num_kv_heads=N
     stream = torch._C._cuda_getCurrentRawStream(dev)
     part_ptr = ml_ptr = cnt_ptr = 0
     if splits > 1:
-        ws = _WS.get((dev, stream))
-        if ws is None:
-            ws = _WS[(dev, stream)] = _Workspace()
+        ws = _workspace(dev, stream)
         hg = mod.info["rows_per_block"]
         npart = units * splits
         part, cnt = ws.get(npart * hg * (V_DIM + 2), units, device)
