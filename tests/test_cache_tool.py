@@ -185,7 +185,7 @@ def test_cli_collects_specs_from_model_config_and_names(tmp_path):
                                       {"kind": "mla", "num_heads": 16},
                                       "decode_qfp16_kvfp16_d256_g8_win"]))
     a = cli._parser().parse_args(["warmup", "--model", str(tmp_path), "--config", str(specs_file),
-                                  "--kv-dtype", "fp8", "--spec-len", "2"])
+                                  "--kv-dtype", "fp8", "--spec-len", "2", "--dtype", "auto"])
     specs = cli._collect_specs(a)
     assert len(specs) == len(set(specs))
     assert D(head_dim=64, group=1, kv_dtype="e4m3", q_len=2) in specs
@@ -193,6 +193,11 @@ def test_cli_collects_specs_from_model_config_and_names(tmp_path):
     assert D(q_dtype="fp16", kv_dtype="fp16", head_dim=256, group=8, window=True, q_len=2) in specs
     assert D(head_dim=128, group=4, kv_dtype="e4m3", q_len=2, rope=True) in specs
     assert sum(isinstance(s, DecodeSpec) and s.head_dim == 128 for s in specs) == 8
+    # by default --model covers both 16-bit q dtypes (a bf16 checkpoint served in fp16 too)
+    both = cli._collect_specs(cli._parser().parse_args(["warmup", "--model", str(tmp_path)]))
+    assert D(q_dtype="fp16", kv_dtype="fp16", head_dim=128, group=4) in both
+    assert D(q_dtype="bf16", kv_dtype="bf16", head_dim=128, group=4) in both
+    assert len(both) == 4  # {bf16, fp16} x {plain, rope}
 
 
 def _run(*argv):

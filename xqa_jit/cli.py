@@ -213,7 +213,8 @@ def _collect_specs(a) -> list:
         except (OSError, ValueError) as e:
             raise SpecError(f"cannot read model config {path}: {e}") from None
         try:
-            specs += specs_for_model(cfg, kv_dtypes=kv, spec_len=a.spec_len, tp=a.tp)
+            qd = [x for d in (a.dtype or ["both"]) for x in (("bf16", "fp16") if d == "both" else (d,))]
+            specs += specs_for_model(cfg, kv_dtypes=kv, spec_len=a.spec_len, tp=a.tp, q_dtypes=qd)
         except (KeyError, TypeError) as e:
             raise SpecError(f"{path}: not a decoder config this tool understands (missing "
                             f"{e})") from None
@@ -683,6 +684,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="a Hugging Face config.json (or its directory): the specs that model needs")
     w.add_argument("--kv-dtype", action="append", choices=("auto", "fp8", "e4m3", "e5m2"),
                    help="also build FP8 KV-cache variants (fp8 = e4m3); auto: the model's own")
+    w.add_argument("--dtype", action="append", choices=("auto", "fp16", "bf16", "both"),
+                   help="q dtypes to build for --model (default both: engines run bf16 checkpoints "
+                        "in fp16 and vice versa; 'auto' = the config's dtype)")
     w.add_argument("--spec-len", type=int, metavar="N",
                    help="also build q_len=N (causal speculative decoding) variants, N <= 16")
     w.add_argument("--tp", type=int, default=1, metavar="N",

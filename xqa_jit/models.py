@@ -167,18 +167,34 @@ def _heads_per_gpu(h: int, hkv: int, tp: int) -> tuple:
 
 
 def specs_for_model(config: dict, kv_dtypes=("auto",), spec_len: int | None = None,
-                    tp: int = 1) -> list:
+                    tp: int = 1, q_dtypes=("auto",)) -> list:
     """Every kernel spec a model's decode attention needs, without duplicates.
 
     kv_dtypes: KV cache dtypes to cover; "auto" is the q dtype (plus e4m3 when the checkpoint
     declares an FP8 KV cache), "fp8" means "e4m3". spec_len: also build q_len=spec_len (causal
-    speculative decoding) variants. tp: tensor parallelism (heads per GPU).
+    speculative decoding) variants. tp: tensor parallelism (heads per GPU). q_dtypes: "auto" (the
+    checkpoint's dtype), "fp16", "bf16".
     Plain (rope=False) kernels are always included; rope=True ones only when the model's rope type
     is "default" or "linear".
     """
     _check_spec_len(spec_len)
     cfg = _text_config(config)
-    q = q_dtype_of(cfg)
+    qs = []
+    for x in q_dtypes:
+        x = q_dtype_of(cfg) if x == "auto" else x
+        if x not in ("fp16", "bf16"):
+            raise SpecError(f"q dtype must be auto, fp16 or bf16, got {x!r}")
+        if x not in qs:
+            qs.append(x)
+    specs = []
+    for q in qs:
+        for s in _specs_for(cfg, q, kv_dtypes, spec_len, tp):
+            if s not in specs:
+                specs.append(s)
+    return specs
+
+
+def _specs_for(cfg: dict, q: str, kv_dtypes, spec_len, tp) -> list:
     h = int(cfg["num_attention_heads"])
     if cfg.get("kv_lora_rank") is not None:  # DeepSeek-V2/V3 (and Kimi-K2) latent attention
         rank, rope_dim = int(cfg["kv_lora_rank"]), int(cfg.get("qk_rope_head_dim", 0))
