@@ -1,0 +1,57 @@
+"""Run a few kernel variants on tiny inputs, for `compute-sanitizer --tool memcheck` (issue 8).
+
+    compute-sanitizer --tool memcheck python tests/sanitize_run.py
+
+Covers: plain decode with split-KV and a page table full of garbage past each request's end,
+out-of-pool page ids and seq_lens beyond the page table's capacity (clamped, no debug mode), FP8
+with window and sinks, speculative decoding with a tree and RoPE, and both MLA forms. Not a pytest
+module: memcheck makes each launch far slower, so it is run on its own.
+"""
+import torch
+
+import xqa_jit
+
+dev = "cuda"
+g = torch.Generator(device="cpu").manual_seed(0)
+
+
+def paged(B, Hkv, D, P, lens, dtype, M=None):
+    M = M or max(1, max((l + P - 1) // P for l in lens)) + 2
+    N = B * M + 3
+    k = torch.randn(N, P, Hkv, D, generator=g).to(dev).to(dtype)
+    v = torch.randn(N, P, Hkv, D, generator=g).to(dev).to(dtype)
+    pt = torch.randperm(N, generator=g)[: B * M].view(B, M).int()
+    for b, l in enumerate(lens):  # garbage (out-of-pool ids) past each request's last page
+        pt[b, (l + P - 1) // P:] = torch.randint(-(1 << 30), 1 << 30, (M - (l + P - 1) // P,), generator=g).int()
+    return k, v, pt.to(dev), torch.tensor(lens, dtype=torch.int32, device=dev)
+
+
+def q_(B, Hq, D, dtype, Lq=1):
+    shape = (B, Hq, D) if Lq == 1 else (B, Lq, Hq, D)
+    return torch.randn(shape, generator=g).to(dev).to(dtype)
+
+
+bf, fp = torch.bfloat16, torch.float16
+k, v, pt, sl = paged(3, 2, 128, 16, [3000, 0, 17], bf)
+o = xqa_jit.xqa(q_(3, 8, 128, bf), k, v, pt, sl)  # split-KV on the long one
+pt_bad = pt.clone()
+pt_bad[0, 3] = 1 << 20  # an out-of-pool page id inside the sequence
+sl_bad = torch.tensor([3000, 5, 10 ** 6], dtype=torch.int32, device=dev)  # beyond capacity
+o2 = xqa_jit.xqa(q_(3, 8, 128, bf), k, v, pt_bad, sl_bad)
+k8, v8, pt8, sl8 = paged(2, 8, 64, 16, [700, 130], bf)
+o3 = xqa_jit.xqa(q_(2, 64, 64, bf), k8.to(torch.float8_e4m3fn), v8.to(torch.float8_e4m3fn), pt8, sl8,
+                 sliding_window_size=128, sinks=torch.randn(64, device=dev), kv_scale=0.5)
+kt, vt, ptt, slt = paged(2, 2, 128, 16, [300, 9], fp)
+mask = torch.tril(torch.ones(4, 4, dtype=torch.bool)).repeat(2, 1, 1).to(dev)
+mask[:, 3, 2] = False  # a tree: draft 3 hangs off draft 1
+o4 = xqa_jit.xqa(q_(2, 8, 128, fp, Lq=4), kt, vt, ptt, slt, spec_mask=mask, pos_encoding_mode="ROPE_LLAMA")
+kvl = torch.randn(40, 64, 576, generator=g).to(dev).to(bf)
+ptl = torch.randperm(40, generator=g)[:36].view(3, 12).int().to(dev)
+o5 = xqa_jit.xqa_mla(q_(3, 16, 576, bf), kvl, ptl, torch.tensor([700, 1, 64], dtype=torch.int32, device=dev),
+                     sm_scale=192 ** -0.5)
+kvs = torch.randn(20, 16, 2, 256, generator=g).to(dev).to(fp)
+o6 = xqa_jit.xqa_mla(q_(2, 8, 128, fp), kvs, ptt, slt)
+torch.cuda.synchronize()
+for i, t in enumerate((o, o2, o3, o4, o5, o6)):
+    assert torch.isfinite(t.float()).all(), f"output {i} not finite"
+print("sanitize_run: all launches completed")
