@@ -11,6 +11,7 @@ import math
 import numbers
 import os
 import struct
+import threading
 
 import torch
 
@@ -126,7 +127,8 @@ def _split_plan(mod, dev: int, units: int, span: int):
     best = max(eff(s) for s in range(1, max_s + 1))
     fill = next(s for s in range(1, max_s + 1) if eff(s) >= 0.85 * best)
     chunk = -(-max(span, 1) // fill)
-    chunk = min(chunk, max(MAX_CHUNK, MIN_CHUNK))
+    if span > 2 * MAX_CHUNK:  # only long contexts: uniform 8k requests run best unsplit (NOTES v4)
+        chunk = min(chunk, max(MAX_CHUNK, MIN_CHUNK))
     chunk = -(-chunk // tile) * tile
     splits = max(1, -(-span // chunk))
     pl = _PLANS[key] = (splits, chunk)
@@ -151,15 +153,23 @@ class _Workspace:
         if torch.cuda.is_current_stream_capturing():
             self._grow(floats, counters, device)  # inside a capture: the graph's pool owns it
         else:
-            # On a private stream, so CUDA-graph memory pools (e.g. torch.compile's
-            # reduce-overhead warmup, which claims the current stream's allocations) never own
-            # memory that this module keeps alive across calls.
-            cur = torch.cuda.current_stream(device)
-            side = _side_stream(device)
-            side.wait_stream(cur)
-            with torch.cuda.stream(side):
-                self._grow(floats, counters, device)
-            cur.wait_stream(side)
+            # From a helper thread: CUDA-graph memory pools (torch.compile's reduce-overhead
+            # warm-up routes the calling thread's allocations to its pool) must never own memory
+            # that this module keeps alive across calls.
+            err = []
+
+            def grow():
+                try:
+                    self._grow(floats, counters, device)
+                    torch.cuda.current_stream(device).synchronize()  # the zero fill is done
+                except BaseException as e:  # surfaced in the calling thread
+                    err.append(e)
+
+            t = threading.Thread(target=grow, name="xqa_jit-workspace")
+            t.start()
+            t.join()
+            if err:
+                raise err[0]
         return self.part, self.cnt
 
     def _grow(self, floats, counters, device):
@@ -193,16 +203,6 @@ def _workspace(dev: int, stream: int) -> _Workspace:
     if _LAST_WS.get(dev) is not ws and not torch.cuda.is_current_stream_capturing():
         _LAST_WS[dev] = ws
     return ws
-
-
-_SIDE: dict = {}
-
-
-def _side_stream(device):
-    s = _SIDE.get(device)
-    if s is None:
-        s = _SIDE[device] = torch.cuda.Stream(device)
-    return s
 
 
 _WS: dict = {}
