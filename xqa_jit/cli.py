@@ -214,7 +214,8 @@ def _collect_specs(a) -> list:
             raise SpecError(f"cannot read model config {path}: {e}") from None
         try:
             qd = [x for d in (a.dtype or ["both"]) for x in (("bf16", "fp16") if d == "both" else (d,))]
-            specs += specs_for_model(cfg, kv_dtypes=kv, spec_len=a.spec_len, tp=a.tp, q_dtypes=qd)
+            specs += specs_for_model(cfg, kv_dtypes=kv, spec_len=a.spec_len, tp=a.tp, q_dtypes=qd,
+                                     arch=_arches(getattr(a, "arch", None))[0])
         except (KeyError, TypeError) as e:
             raise SpecError(f"{path}: not a decoder config this tool understands (missing "
                             f"{e})") from None

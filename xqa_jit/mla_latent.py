@@ -26,7 +26,7 @@ from .api import (
     _sm_count,
     _workspace,
 )
-from .spec import MlaSpec, SpecError
+from .spec import MlaSpec, SpecError, mla_impl_for
 
 QK_DIM = 576
 V_DIM = 512
@@ -46,6 +46,28 @@ MERGE_TOKENS = int(os.environ.get("XQA_JIT_MLA_MERGE_TOKENS", "32"))
 
 _SPECS: dict = {}
 _PLANS: dict = {}
+
+
+IMPLS = ("auto", "v1", "v2")
+_IMPL: list = [None]  # set_impl() override; None: $XQA_JIT_MLA_IMPL, default auto
+
+
+def set_impl(impl: str | None) -> None:
+    """Select the latent kernel for later calls: "auto" (spec.mla_impl_for: v2 for 64+ heads or an
+    FP8 cache on sm_90a, else v1), "v1" (templates/mla.cu.jinja, mma.sync), "v2"
+    (templates/mla2.cu.jinja, wgmma, sm_90a), or None to follow $XQA_JIT_MLA_IMPL (default auto)."""
+    if impl is not None and impl not in IMPLS:
+        raise ValueError(f"xqa_mla: unknown latent kernel implementation {impl!r}; "
+                         f"expected one of {sorted(IMPLS)}")
+    _IMPL[0] = impl
+
+
+def current_impl() -> str:
+    """The implementation the next call uses (read at call time, not import time)."""
+    impl = _IMPL[0] or os.environ.get("XQA_JIT_MLA_IMPL", "").strip().lower() or "auto"
+    if impl not in IMPLS:
+        raise ValueError(f"xqa_mla: XQA_JIT_MLA_IMPL={impl!r} is not one of {sorted(IMPLS)}")
+    return impl
 
 
 def _split_plan(mod, dev: int, units: int, span: int):
@@ -73,15 +95,18 @@ def _split_plan(mod, dev: int, units: int, span: int):
     return pl
 
 
-def _module(qt: str, kvt: str, hq: int, debug: bool, dev: int):
-    key = (qt, kvt, hq, debug, dev)
+def _module(qt: str, kvt: str, hq: int, debug: bool, dev: int, impl: str = "auto"):
+    key = (qt, kvt, hq, debug, dev, impl)
     mod = _SPECS.get(key)
     if mod is None:
+        arch = _build.device_arch(dev)
+        if impl == "auto":
+            impl = mla_impl_for(hq, kvt, arch)
         try:
-            spec = MlaSpec(q_dtype=qt, kv_dtype=kvt, num_heads=hq, debug=debug)
+            spec = MlaSpec(q_dtype=qt, kv_dtype=kvt, num_heads=hq, debug=debug, impl=impl)
         except SpecError as e:
             raise ValueError(str(e)) from None
-        mod = _SPECS[key] = _build.get_module(spec, _build.device_arch(dev))
+        mod = _SPECS[key] = _build.get_module(spec, arch)
     return mod
 
 
@@ -219,7 +244,7 @@ def mla_latent(q, kv_cache, page_table, seq_lens, page_size=None, num_kv_heads=N
     # ---------------------------------------------------------------- kernel, plan, launch
     dev = _dev_index(q)
     debug = _build._env_flag("XQA_JIT_DEBUG")
-    mod = _module(qt, kvt, Hq, debug, dev)
+    mod = _module(qt, kvt, Hq, debug, dev, current_impl())
     units = B * mod.info["row_chunks"]  # (request, head group) pairs
     splits, chunk = _split_plan(mod, dev, units, cap)
     stream = torch._C._cuda_getCurrentRawStream(dev)

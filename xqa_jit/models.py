@@ -12,7 +12,7 @@ import json
 import logging
 from pathlib import Path
 
-from .spec import MAX_Q_LEN, DecodeSpec, MlaSpec, SpecError
+from .spec import MAX_Q_LEN, DecodeSpec, MlaSpec, SpecError, mla_impl_for
 
 log = logging.getLogger("xqa_jit")
 
@@ -167,13 +167,13 @@ def _heads_per_gpu(h: int, hkv: int, tp: int) -> tuple:
 
 
 def specs_for_model(config: dict, kv_dtypes=("auto",), spec_len: int | None = None,
-                    tp: int = 1, q_dtypes=("auto",)) -> list:
+                    tp: int = 1, q_dtypes=("auto",), arch: str = "9.0a") -> list:
     """Every kernel spec a model's decode attention needs, without duplicates.
 
     kv_dtypes: KV cache dtypes to cover; "auto" is the q dtype (plus e4m3 when the checkpoint
     declares an FP8 KV cache), "fp8" means "e4m3". spec_len: also build q_len=spec_len (causal
     speculative decoding) variants. tp: tensor parallelism (heads per GPU). q_dtypes: "auto" (the
-    checkpoint's dtype), "fp16", "bf16".
+    checkpoint's dtype), "fp16", "bf16". arch: picks the MLA kernel the launch path will use there.
     Plain (rope=False) kernels are always included; rope=True ones only when the model's rope type
     is "default" or "linear".
     """
@@ -188,13 +188,13 @@ def specs_for_model(config: dict, kv_dtypes=("auto",), spec_len: int | None = No
             qs.append(x)
     specs = []
     for q in qs:
-        for s in _specs_for(cfg, q, kv_dtypes, spec_len, tp):
+        for s in _specs_for(cfg, q, kv_dtypes, spec_len, tp, arch):
             if s not in specs:
                 specs.append(s)
     return specs
 
 
-def _specs_for(cfg: dict, q: str, kv_dtypes, spec_len, tp) -> list:
+def _specs_for(cfg: dict, q: str, kv_dtypes, spec_len, tp, arch: str) -> list:
     h = int(cfg["num_attention_heads"])
     if cfg.get("kv_lora_rank") is not None:  # DeepSeek-V2/V3 (and Kimi-K2) latent attention
         rank, rope_dim = int(cfg["kv_lora_rank"]), int(cfg.get("qk_rope_head_dim", 0))
@@ -207,7 +207,8 @@ def _specs_for(cfg: dict, q: str, kv_dtypes, spec_len, tp) -> list:
             if kv == "e5m2":
                 log.warning("xqa_jit: MLA has no e5m2 kernel; skipped")
                 continue
-            specs.append(MlaSpec(q_dtype=q, kv_dtype=kv, num_heads=heads))
+            specs.append(MlaSpec(q_dtype=q, kv_dtype=kv, num_heads=heads,
+                                 impl=mla_impl_for(heads, kv, arch)))
         return specs
     hkv = int(cfg.get("num_key_value_heads") or h)
     hq_gpu, hkv_gpu = _heads_per_gpu(h, hkv, tp)

@@ -158,6 +158,15 @@ class DecodeSpec(_SpecBase):
 MLA_Q_DTYPES = ("fp16", "bf16")
 MLA_KV_DTYPES = ("fp16", "bf16", "e4m3")
 MLA_HEADS = (16, 32, 64, 128)
+MLA_IMPLS = ("v1", "v2")
+
+
+def mla_impl_for(num_heads: int, kv_dtype: str, arch: str) -> str:
+    """The latent kernel to use: v2 (wgmma, sm_90a only) where it measured faster on the H100 —
+    64+ heads, or an FP8 cache — else v1 (mma.sync). See benchmarks/NOTES.md."""
+    if arch.startswith("9.0") and arch.endswith("a") and (num_heads >= 64 or kv_dtype in FP8_DTYPES):
+        return "v2"
+    return "v1"
 
 
 @dataclass(frozen=True)
@@ -165,6 +174,8 @@ class MlaSpec(_SpecBase):
     """One variant of the DeepSeek-style latent-attention decode kernel (``xqa_mla``).
 
     Keys are the whole ``qk_dim``-wide latent row, values its first ``v_dim`` elements.
+    impl: "v1" (templates/mla.cu.jinja, mma.sync, any sm_80+) or "v2" (templates/mla2.cu.jinja,
+    wgmma with two warpgroups, sm_90a only).
     """
 
     q_dtype: str = "bf16"
@@ -173,9 +184,13 @@ class MlaSpec(_SpecBase):
     qk_dim: int = 576
     v_dim: int = 512
     debug: bool = False
+    impl: str = "v1"
 
-    template = "mla.cu.jinja"
     kind = "mla"
+
+    @property
+    def template(self) -> str:
+        return "mla2.cu.jinja" if self.impl == "v2" else "mla.cu.jinja"
 
     def __post_init__(self):
         _check(self.q_dtype in MLA_Q_DTYPES,
@@ -191,6 +206,7 @@ class MlaSpec(_SpecBase):
                f"MLA latent kernel supports qk_dim=576, v_dim=512 (DeepSeek-V2/V3), "
                f"got qk_dim={self.qk_dim}, v_dim={self.v_dim}")
         _check(isinstance(self.debug, bool), "debug must be a bool")
+        _check(self.impl in MLA_IMPLS, f"MLA impl must be one of {MLA_IMPLS}, got {self.impl!r}")
 
     @property
     def kv_fp8(self) -> bool:
@@ -199,7 +215,7 @@ class MlaSpec(_SpecBase):
     @property
     def name(self) -> str:
         n = f"mla_q{self.q_dtype}_kv{self.kv_dtype}_h{self.num_heads}_d{self.qk_dim}v{self.v_dim}"
-        return n + ("_debug" if self.debug else "")
+        return n + ("_debug" if self.debug else "") + ("_v2" if self.impl == "v2" else "")
 
     def template_args(self) -> dict:
         mma = "fp16" if self.kv_fp8 else self.q_dtype
@@ -243,8 +259,12 @@ def _parse_name(name: str) -> "DecodeSpec | MlaSpec":
             return DecodeSpec(**kw)
         if toks[0] == "mla":
             qk, v = toks[4][1:].split("v")
+            extra = set(toks[5:])
+            if extra - {"debug", "v2"}:
+                raise KeyError(sorted(extra - {"debug", "v2"})[0])
             return MlaSpec(q_dtype=toks[1][1:], kv_dtype=toks[2][2:], num_heads=int(toks[3][1:]),
-                           qk_dim=int(qk), v_dim=int(v), debug=toks[-1] == "debug")
+                           qk_dim=int(qk), v_dim=int(v), debug="debug" in extra,
+                           impl="v2" if "v2" in extra else "v1")
     except (IndexError, KeyError, ValueError) as e:
         raise SpecError(f"cannot parse spec name {name!r} ({e})") from None
     raise SpecError(f"cannot parse spec name {name!r}: it starts with neither 'decode' nor 'mla'")
