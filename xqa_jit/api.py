@@ -243,6 +243,32 @@ def _check_aligned(name, t, strides_elems, esize):
 _SPECS: dict = {}
 
 
+def _check_paging(page_table, seq_lens, B: int, device, who: str = "") -> int:
+    """page_table (B, M) int32 and seq_lens (B,) int32 on q's device; returns M. `who` prefixes
+    the messages (e.g. "xqa_mla: ")."""
+    if not isinstance(page_table, torch.Tensor) or page_table.dtype != torch.int32:
+        _fail(TypeError, f"{who}page_table must be an int32 tensor, got "
+                         f"{getattr(page_table, 'dtype', type(page_table).__name__)}")
+    if page_table.device != device:
+        _fail(ValueError, f"{who}page_table is on {page_table.device} but q is on {device}")
+    if page_table.dim() != 2 or page_table.shape[0] != B:
+        _fail(ValueError, f"{who}page_table must have shape (batch={B}, max_pages), got "
+                          f"{tuple(page_table.shape)}")
+    M = page_table.shape[1]
+    if M < 1 or page_table.stride(1) != 1:
+        _fail(ValueError, f"{who}page_table must have at least one column and a contiguous last "
+                          f"dim, got shape {tuple(page_table.shape)} strides {page_table.stride()}")
+    if not isinstance(seq_lens, torch.Tensor) or seq_lens.dtype != torch.int32:
+        _fail(TypeError, f"{who}seq_lens must be an int32 tensor, got "
+                         f"{getattr(seq_lens, 'dtype', type(seq_lens).__name__)}")
+    if seq_lens.device != device:
+        _fail(ValueError, f"{who}seq_lens is on {seq_lens.device} but q is on {device}")
+    if seq_lens.shape != (B,) or (B > 1 and seq_lens.stride(0) != 1):
+        _fail(ValueError, f"{who}seq_lens must be a contiguous ({B},) tensor, got shape "
+                          f"{tuple(seq_lens.shape)}")
+    return M
+
+
 def _tsig(t):
     return (t.shape, t.stride(), t.dtype, t.device)
 
@@ -445,26 +471,7 @@ def _plan_xqa(q, k_cache, v_cache, page_table, seq_lens, head_dim=None, page_siz
     if group > 64:
         _fail(ValueError, f"num_qo_heads / num_kv_heads must be at most 64, got {Hq}/{Hkv}={group}")
     # ---------------------------------------------------------------- page table, lengths
-    if not isinstance(page_table, torch.Tensor) or page_table.dtype != torch.int32:
-        _fail(TypeError, f"page_table must be an int32 tensor, got "
-                         f"{getattr(page_table, 'dtype', type(page_table).__name__)}")
-    if page_table.device != device:
-        _fail(ValueError, f"page_table is on {page_table.device} but q is on {device}")
-    if page_table.dim() != 2 or page_table.shape[0] != B:
-        _fail(ValueError, f"page_table must have shape (batch={B}, max_pages), got "
-                          f"{tuple(page_table.shape)}")
-    M = page_table.shape[1]
-    if M < 1 or page_table.stride(1) != 1:
-        _fail(ValueError, f"page_table must have at least one column and a contiguous last dim, got "
-                          f"shape {tuple(page_table.shape)} strides {page_table.stride()}")
-    if not isinstance(seq_lens, torch.Tensor) or seq_lens.dtype != torch.int32:
-        _fail(TypeError, f"seq_lens must be an int32 tensor, got "
-                         f"{getattr(seq_lens, 'dtype', type(seq_lens).__name__)}")
-    if seq_lens.device != device:
-        _fail(ValueError, f"seq_lens is on {seq_lens.device} but q is on {device}")
-    if seq_lens.shape != (B,) or (B > 1 and seq_lens.stride(0) != 1):
-        _fail(ValueError, f"seq_lens must be a contiguous ({B},) tensor, got shape "
-                          f"{tuple(seq_lens.shape)}")
+    M = _check_paging(page_table, seq_lens, B, device)
     if B > 65535 or B < 1:
         _fail(ValueError, f"batch size must be in 1..65535, got {B}")
     cap = M * P

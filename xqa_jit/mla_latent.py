@@ -17,6 +17,7 @@ import torch
 
 from . import build as _build
 from .api import (
+    _check_paging,
     _cuda_error_name,
     _dev_index,
     _fail,
@@ -188,27 +189,7 @@ def mla_latent(q, kv_cache, page_table, seq_lens, page_size=None, num_kv_heads=N
         _fail(ValueError, f"xqa_mla: for {QK_DIM}-wide latent rows v_head_dim must be {V_DIM} "
                           f"(values are the rows' first {V_DIM} elements), got {v_head_dim}")
     # ---------------------------------------------------------------- page table, lengths
-    if not isinstance(page_table, torch.Tensor) or page_table.dtype != torch.int32:
-        _fail(TypeError, f"xqa_mla: page_table must be an int32 tensor, got "
-                         f"{getattr(page_table, 'dtype', type(page_table).__name__)}")
-    if page_table.device != device:
-        _fail(ValueError, f"xqa_mla: page_table is on {page_table.device} but q is on {device}")
-    if page_table.dim() != 2 or page_table.shape[0] != B:
-        _fail(ValueError, f"xqa_mla: page_table must have shape (batch={B}, max_pages), got "
-                          f"{tuple(page_table.shape)}")
-    M = page_table.shape[1]
-    if M < 1 or page_table.stride(1) != 1:
-        _fail(ValueError, f"xqa_mla: page_table must have at least one column and a contiguous "
-                          f"last dim, got shape {tuple(page_table.shape)} strides "
-                          f"{page_table.stride()}")
-    if not isinstance(seq_lens, torch.Tensor) or seq_lens.dtype != torch.int32:
-        _fail(TypeError, f"xqa_mla: seq_lens must be an int32 tensor, got "
-                         f"{getattr(seq_lens, 'dtype', type(seq_lens).__name__)}")
-    if seq_lens.device != device:
-        _fail(ValueError, f"xqa_mla: seq_lens is on {seq_lens.device} but q is on {device}")
-    if seq_lens.shape != (B,) or (B > 1 and seq_lens.stride(0) != 1):
-        _fail(ValueError, f"xqa_mla: seq_lens must be a contiguous ({B},) tensor, got shape "
-                          f"{tuple(seq_lens.shape)}")
+    M = _check_paging(page_table, seq_lens, B, device, "xqa_mla: ")
     cap = M * P
     if cap >= 2**31:
         _fail(ValueError, f"xqa_mla: page_table capacity max_pages * page_size = {cap} exceeds "

@@ -38,6 +38,23 @@ class _SpecBase:
     template: str = ""
     kind: str = ""
 
+    def _dtype_args(self) -> dict:
+        """Types shared by every template. With an FP8 cache the tensor cores run in f16: e4m3/e5m2
+        convert to f16 exactly, and so does a bf16 q in the range attention uses; P then keeps
+        11 bits instead of bf16's 8."""
+        fp8 = self.kv_dtype in FP8_DTYPES
+        mma = "fp16" if fp8 else self.q_dtype
+        return {
+            "spec_name": self.name,
+            "q_ctype": _CTYPES[self.q_dtype],
+            "mma_ctype": _CTYPES[mma],
+            "mma_is_bf16": int(mma == "bf16"),
+            "kv_fp8": int(fp8),
+            "kv_ctype": "uint8_t" if fp8 else _CTYPES[self.kv_dtype],
+            "fp8_interp": _FP8_INTERP.get(self.kv_dtype, "__NV_E4M3"),
+            "debug": int(self.debug),
+        }
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["kind"] = self.kind
@@ -133,26 +150,10 @@ class DecodeSpec(_SpecBase):
 
     def template_args(self) -> dict:
         """Constants and types the template fills in (nothing else varies in the source)."""
-        # With an FP8 cache the tensor cores run in f16: e4m3/e5m2 convert to f16 exactly, and so
-        # does a bf16 q in the range attention uses; P then keeps 11 bits instead of bf16's 8.
-        mma = "fp16" if self.kv_fp8 else self.q_dtype
-        return {
-            "spec_name": self.name,
-            "head_dim": self.head_dim,
-            "group": self.group,
-            "q_len": self.q_len,
-            "q_ctype": _CTYPES[self.q_dtype],
-            "mma_ctype": _CTYPES[mma],
-            "mma_is_bf16": int(mma == "bf16"),
-            "kv_fp8": int(self.kv_fp8),
-            "kv_ctype": "uint8_t" if self.kv_fp8 else _CTYPES[self.kv_dtype],
-            "fp8_interp": _FP8_INTERP.get(self.kv_dtype, "__NV_E4M3"),
-            "window": int(self.window),
-            "sinks": SINK_FORMS.index(self.sinks),
-            "rope": int(self.rope),
-            "tree": int(self.tree),
-            "debug": int(self.debug),
-        }
+        return {**self._dtype_args(), "head_dim": self.head_dim, "group": self.group,
+                "q_len": self.q_len, "window": int(self.window),
+                "sinks": SINK_FORMS.index(self.sinks), "rope": int(self.rope),
+                "tree": int(self.tree)}
 
 
 MLA_Q_DTYPES = ("fp16", "bf16")
@@ -218,20 +219,8 @@ class MlaSpec(_SpecBase):
         return n + ("_debug" if self.debug else "") + ("_v2" if self.impl == "v2" else "")
 
     def template_args(self) -> dict:
-        mma = "fp16" if self.kv_fp8 else self.q_dtype
-        return {
-            "spec_name": self.name,
-            "num_heads": self.num_heads,
-            "qk_dim": self.qk_dim,
-            "v_dim": self.v_dim,
-            "q_ctype": _CTYPES[self.q_dtype],
-            "mma_ctype": _CTYPES[mma],
-            "mma_is_bf16": int(mma == "bf16"),
-            "kv_fp8": int(self.kv_fp8),
-            "kv_ctype": "uint8_t" if self.kv_fp8 else _CTYPES[self.kv_dtype],
-            "fp8_interp": _FP8_INTERP.get(self.kv_dtype, "__NV_E4M3"),
-            "debug": int(self.debug),
-        }
+        return {**self._dtype_args(), "num_heads": self.num_heads, "qk_dim": self.qk_dim,
+                "v_dim": self.v_dim}
 
 
 def _parse_name(name: str) -> "DecodeSpec | MlaSpec":
