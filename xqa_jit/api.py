@@ -28,6 +28,17 @@ _POS_MODES = ("NONE", "ROPE_LLAMA")
 _HEAD = struct.Struct("<16q")
 _TAIL = struct.Struct("<30q3d")
 _raw_stream = torch._C._cuda_getCurrentRawStream
+_cur_device = torch._C._cuda_getDevice
+
+
+def _launch(fn, params: bytes, stream: int, dev: int) -> int:
+    """Launch on `dev`, the tensors' device. When it is not the current device, switch with
+    torch's guard: restoring a device through plain cudaSetDevice would create a CUDA context
+    (hundreds of MB) on a GPU this process never used, e.g. cuda:0 in a rank that owns cuda:1."""
+    if dev == _cur_device():
+        return fn(params, stream, dev)
+    with torch.cuda.device(dev):
+        return fn(params, stream, dev)
 
 
 class _Plan:
@@ -98,7 +109,8 @@ def _occupancy(mod, dev: int) -> int:
     key = (id(mod), dev)
     n = _OCC.get(key)
     if n is None:
-        n = _OCC[key] = max(1, mod.occupancy(dev))
+        with torch.cuda.device(dev):
+            n = _OCC[key] = max(1, mod.occupancy(dev))
     return n
 
 
@@ -380,7 +392,7 @@ def xqa(q, k_cache, v_cache, page_table, seq_lens, head_dim=None, page_size=None
         ep = err.data_ptr()
     params = _HEAD.pack(qp, kp, vp, op, lp, page_table.data_ptr(), seq_lens.data_ptr(), sp, ksp,
                         vsp, mp, pl.invf_ptr, part, ml, cnt, ep) + pl.tail
-    rc = pl.launch(params, stream, dev)
+    rc = _launch(pl.launch, params, stream, dev)
     if rc:
         raise RuntimeError(f"xqa_jit: launching {pl.mod.spec.name} failed: CUDA error {rc} "
                            f"({_cuda_error_name(rc)})")

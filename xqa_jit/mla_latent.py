@@ -18,6 +18,7 @@ import torch
 from . import build as _build
 from .api import (
     _check_paging,
+    _launch,
     _cuda_error_name,
     _dev_index,
     _fail,
@@ -248,7 +249,7 @@ def mla_latent(q, kv_cache, page_table, seq_lens, page_size=None, num_kv_heads=N
         B, M, N, P.bit_length() - 1, splits, chunk,
         q_sb, q_sh, o_sb, o_sh, kv_sp, kv_ss, page_table.stride(0), Hq,
         float(sm_scale), ksf)
-    rc = mod.launch(params, stream, dev)
+    rc = _launch(mod.launch, params, stream, dev)
     if rc:
         raise RuntimeError(f"xqa_jit: launching {mod.spec.name} failed: CUDA error {rc} "
                            f"({_cuda_error_name(rc)})")
