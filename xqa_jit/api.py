@@ -31,20 +31,24 @@ _raw_stream = torch._C._cuda_getCurrentRawStream
 _cur_device = torch._C._cuda_getDevice
 
 
-def _launch(fn, params: bytes, stream: int, dev: int) -> int:
-    """Launch on `dev`, the tensors' device. When it is not the current device, switch with
+def _launch(mod, params: bytes, stream: int, dev: int) -> None:
+    """Launch `mod` on `dev`, the tensors' device. When it is not the current device, switch with
     torch's guard: restoring a device through plain cudaSetDevice would create a CUDA context
     (hundreds of MB) on a GPU this process never used, e.g. cuda:0 in a rank that owns cuda:1."""
     if dev == _cur_device():
-        return fn(params, stream, dev)
-    with torch.cuda.device(dev):
-        return fn(params, stream, dev)
+        rc = mod.launch(params, stream, dev)
+    else:
+        with torch.cuda.device(dev):
+            rc = mod.launch(params, stream, dev)
+    if rc:
+        raise RuntimeError(f"xqa_jit: launching {mod.spec.name} failed: CUDA error {rc} "
+                           f"({_cuda_error_name(rc)})")
 
 
 class _Plan:
     """What one call signature resolves to: kernel, split plan and the packed constant params."""
 
-    __slots__ = ("mod", "launch", "dev", "debug", "splits", "invf_ptr", "lse_shape", "sink_fix",
+    __slots__ = ("mod", "dev", "debug", "splits", "invf_ptr", "lse_shape", "sink_fix",
                  "ks_tensor", "vs_tensor", "mask_fix", "units", "ws_floats", "ml_off", "tail")
 
 
@@ -392,10 +396,7 @@ def xqa(q, k_cache, v_cache, page_table, seq_lens, head_dim=None, page_size=None
         ep = err.data_ptr()
     params = _HEAD.pack(qp, kp, vp, op, lp, page_table.data_ptr(), seq_lens.data_ptr(), sp, ksp,
                         vsp, mp, pl.invf_ptr, part, ml, cnt, ep) + pl.tail
-    rc = _launch(pl.launch, params, stream, dev)
-    if rc:
-        raise RuntimeError(f"xqa_jit: launching {pl.mod.spec.name} failed: CUDA error {rc} "
-                           f"({_cuda_error_name(rc)})")
+    _launch(pl.mod, params, stream, dev)
     if err is not None:
         _raise_device_error(err, "xqa")
     return (out, lse) if return_lse else out
@@ -613,7 +614,7 @@ def _plan_xqa(q, k_cache, v_cache, page_table, seq_lens, head_dim=None, page_siz
 
         invf_ptr = inv_freq(D, rope_theta, rope_scale, device).data_ptr()
     pl = _Plan()
-    pl.mod, pl.launch, pl.dev, pl.debug, pl.splits, pl.invf_ptr = mod, mod.launch, dev, debug, splits, invf_ptr
+    pl.mod, pl.dev, pl.debug, pl.splits, pl.invf_ptr = mod, dev, debug, splits, invf_ptr
     pl.lse_shape = ((B, Hq) if qd == 3 else (B, Lq, Hq)) if return_lse else None
     pl.sink_fix = sinks_fix
     pl.ks_tensor, pl.vs_tensor = ksp != 0, vsp != 0

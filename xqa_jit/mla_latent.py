@@ -17,9 +17,9 @@ import torch
 
 from . import build as _build
 from .api import (
+    _check_aligned,
     _check_paging,
     _launch,
-    _cuda_error_name,
     _dev_index,
     _fail,
     _occupancy,
@@ -112,16 +112,6 @@ def _module(qt: str, kvt: str, hq: int, debug: bool, dev: int, impl: str = "auto
     return mod
 
 
-def _aligned(name, t, strides, esize):
-    if t.data_ptr() % 16:
-        _fail(ValueError, f"{name} must start on a 16-byte boundary (data_ptr % 16 = "
-                          f"{t.data_ptr() % 16}): 16-byte vector loads are used")
-    for s in strides:
-        if (s * esize) % 16:
-            _fail(ValueError, f"{name} strides {tuple(t.stride())} (elements of {esize} bytes) must "
-                              f"be multiples of 16 bytes: 16-byte vector loads are used")
-
-
 def mla_latent(q, kv_cache, page_table, seq_lens, page_size=None, num_kv_heads=None,
                v_head_dim=None, sm_scale=None, kv_scale=None, out=None, return_lse=False):
     """Latent-form ``xqa_mla``: see the module docstring and API.md. Returns out (B, Hq, 512) in
@@ -199,8 +189,8 @@ def mla_latent(q, kv_cache, page_table, seq_lens, page_size=None, num_kv_heads=N
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(QK_DIM)
     ksf, ksp, _ = _scale_arg("kv_scale", kv_scale, 1, device)
-    _aligned("q", q, (q_sb, q_sh), 2)
-    _aligned("kv_cache", kv_cache, (kv_sp, kv_ss), kv_cache.element_size())
+    _check_aligned("q", q, (q_sb, q_sh), 2)
+    _check_aligned("kv_cache", kv_cache, (kv_sp, kv_ss), kv_cache.element_size())
     # ---------------------------------------------------------------- outputs
     if out is None:
         out = torch.empty((B, Hq, V_DIM), dtype=q.dtype, device=device)
@@ -216,7 +206,7 @@ def mla_latent(q, kv_cache, page_table, seq_lens, page_size=None, num_kv_heads=N
         if out.stride(-1) != 1:
             _fail(ValueError, f"xqa_mla: out's last dimension must be contiguous, got strides "
                               f"{out.stride()}")
-        _aligned("out", out, out.stride()[:-1], 2)
+        _check_aligned("out", out, out.stride()[:-1], 2)
     o_sb, o_sh, _ = out.stride()
     lse = None
     lse_ptr = 0
@@ -249,10 +239,7 @@ def mla_latent(q, kv_cache, page_table, seq_lens, page_size=None, num_kv_heads=N
         B, M, N, P.bit_length() - 1, splits, chunk,
         q_sb, q_sh, o_sb, o_sh, kv_sp, kv_ss, page_table.stride(0), Hq,
         float(sm_scale), ksf)
-    rc = _launch(mod.launch, params, stream, dev)
-    if rc:
-        raise RuntimeError(f"xqa_jit: launching {mod.spec.name} failed: CUDA error {rc} "
-                           f"({_cuda_error_name(rc)})")
+    _launch(mod, params, stream, dev)
     if err is not None:
         _raise_device_error(err, "xqa_mla")
     return (out, lse) if return_lse else out
