@@ -1,0 +1,17 @@
+import torch
+dev = 'cuda'
+def make(B, Hq, Hkv, D, P, lens, dtype=torch.bfloat16, kvdtype=None, layout="NHD", Lq=1, extra_pages=3):
+    M = max(1, max((l + P - 1) // P for l in lens)) + extra_pages
+    N = B * M + 5
+    shape = (N, P, Hkv, D) if layout == "NHD" else (N, Hkv, P, D)
+    k = torch.randn(shape, device=dev).to(kvdtype or dtype)
+    v = torch.randn(shape, device=dev).to(kvdtype or dtype)
+    perm = torch.randperm(N, device=dev)[: B * M].view(B, M).int()
+    for b, l in enumerate(lens):
+        used = (l + P - 1) // P
+        if M > used:
+            perm[b, used:] = torch.randint(-1000, 1000000, (M - used,), device=dev).int()
+    q = torch.randn((B, Hq, D) if Lq == 1 else (B, Lq, Hq, D), device=dev).to(dtype) * 1.5
+    sl = torch.tensor(lens, dtype=torch.int32, device=dev)
+    return q, k, v, perm, sl
+
