@@ -1,6 +1,7 @@
-"""CPU tests of the wgmma latent MLA kernel (templates/mla2.cu.jinja, XQA_JIT_MLA_IMPL=v2): every
-variant renders, two compile through the cache and report the geometry xqa_jit.mla_latent relies
-on, and the implementation switch is read at call time."""
+"""CPU tests of the wgmma latent MLA kernels (templates/mla2.cu.jinja and mla3.cu.jinja,
+XQA_JIT_MLA_IMPL=v2/v3): every variant renders, some compile through the cache and report the
+geometry xqa_jit.mla_latent relies on, the automatic choice, and the implementation switch is read
+at call time."""
 from __future__ import annotations
 
 import pytest
@@ -8,15 +9,17 @@ import pytest
 import xqa_jit.build as xb
 from xqa_jit import mla_latent
 from xqa_jit.render import render
-from xqa_jit.spec import MlaSpec
+from xqa_jit.spec import MlaSpec, SpecError, mla_impl_for
 
 ALL = [MlaSpec(q_dtype=q, kv_dtype=kv, num_heads=h, impl="v2")
        for q, kv in (("fp16", "fp16"), ("bf16", "bf16"), ("fp16", "e4m3"), ("bf16", "e4m3"))
        for h in (16, 32, 64, 128)]
+ALL_V3 = [MlaSpec(q_dtype=q, kv_dtype=q, num_heads=h, impl="v3")
+          for q in ("fp16", "bf16") for h in (64, 128)]
 
 
 def test_all_variants_render():
-    for spec in ALL + [MlaSpec(debug=True, impl="v2")]:
+    for spec in ALL + ALL_V3 + [MlaSpec(debug=True, impl="v2"), MlaSpec(debug=True, impl="v3")]:
         src = render(spec)
         assert f"xqa_jit generated source: {spec.name}" in src
         assert "xqa_launch" in src and "xqa_info" in src and "xqa_occupancy" in src
@@ -33,6 +36,28 @@ def test_distinct_from_v1():
     assert "double sm_scale, kv_scale;" in body[:body.index("};")]
 
 
+def test_v3_spec():
+    v3 = MlaSpec(impl="v3")
+    assert v3.name.endswith("_v3") and v3.template == "mla3.cu.jinja"
+    assert MlaSpec.parse(v3.name) == v3 and MlaSpec.parse(MlaSpec(impl="v2").name).impl == "v2"
+    src = render(v3)
+    assert "cp.async.bulk.tensor.3d" in src and "mbarrier.try_wait.parity" in src
+    for bad in (dict(kv_dtype="e4m3"), dict(num_heads=16), dict(num_heads=32)):
+        with pytest.raises(SpecError):
+            MlaSpec(impl="v3", **bad)
+
+
+def test_auto_choice():
+    assert mla_impl_for(128, "bf16", "9.0a", 64) == "v3"
+    assert mla_impl_for(64, "fp16", "9.0a", 8) == "v3"
+    assert mla_impl_for(128, "bf16", "9.0a", 4) == "v2"   # TMA boxes need 8+ rows
+    assert mla_impl_for(128, "e4m3", "9.0a", 64) == "v2"
+    assert mla_impl_for(16, "e4m3", "9.0a", 64) == "v2"
+    assert mla_impl_for(16, "bf16", "9.0a", 64) == "v1"
+    assert mla_impl_for(128, "bf16", "9.0", 64) == "v1"   # no wgmma without sm_90a
+    assert mla_impl_for(128, "bf16", "8.0", 64) == "v1"
+
+
 def test_impl_switch(monkeypatch):
     monkeypatch.delenv("XQA_JIT_MLA_IMPL", raising=False)
     mla_latent.set_impl(None)
@@ -42,8 +67,10 @@ def test_impl_switch(monkeypatch):
     mla_latent.set_impl("v1")
     try:
         assert mla_latent.current_impl() == "v1"
+        mla_latent.set_impl("v3")
+        assert mla_latent.current_impl() == "v3"
         with pytest.raises(ValueError):
-            mla_latent.set_impl("v3")
+            mla_latent.set_impl("v4")
     finally:
         mla_latent.set_impl(None)
     monkeypatch.setenv("XQA_JIT_MLA_IMPL", "nope")
@@ -62,6 +89,7 @@ def cache_dir(tmp_path, monkeypatch):
 @pytest.mark.parametrize("spec, rows, groups", [
     (MlaSpec(q_dtype="bf16", kv_dtype="bf16", num_heads=128, impl="v2"), 64, 2),
     (MlaSpec(q_dtype="fp16", kv_dtype="e4m3", num_heads=16, impl="v2"), 16, 1),
+    (MlaSpec(q_dtype="bf16", kv_dtype="bf16", num_heads=128, impl="v3"), 64, 2),
 ], ids=lambda v: v.name if isinstance(v, MlaSpec) else None)
 def test_build_and_info(cache_dir, spec, rows, groups):
     mod = xb.get_module(spec, "9.0a")

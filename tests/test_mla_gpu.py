@@ -109,6 +109,54 @@ def test_latent_out_and_default_scale(gen, k):
     assert_attn_close(out, ref, atol=t["atol"], rtol=t["rtol"], max_rel=t["max_rel"], msg="default sm_scale")
 
 
+def poison_tails(kv, table, lens, P):
+    """A copy of the cache with NaN in every row no request covers (the tail of each request's last
+    page, and pages no request uses): a kernel that lets such a row reach P.V (0 x NaN = NaN) or
+    the softmax fails."""
+    bad = kv.clone()
+    used = torch.zeros(kv.shape[0], P, dtype=torch.bool, device=kv.device)
+    for b, n in enumerate(lens.tolist()):
+        for lp in range((n + P - 1) // P):
+            rows = min(P, n - lp * P)
+            used[int(table[b, lp]), :rows] = True
+    mask = ~used
+    if bad.dim() == 4:
+        mask = mask.unsqueeze(-1)
+    bad[mask] = float("nan")
+    return bad
+
+
+IMPL_CASES = [MlaKernel(BF16, BF16, 128), MlaKernel(F16, F16, 64)]
+
+
+@pytest.mark.parametrize("impl", ["v2", "v3"])
+@pytest.mark.parametrize("k", IMPL_CASES, ids=kernel_ids)
+def test_latent_impls(gen, k, impl):
+    """Each wgmma kernel forced, on page sizes that give v3 several copy boxes per tile (8, 32), one
+    (64) or a tile inside a larger page (128), with NaN in every row past the requests' ends; odd
+    and even tile counts; one long request split over the SMs."""
+    xqa_jit.mla_latent.set_impl(impl)
+    try:
+        for P, three_d in [(8, True), (32, False), (64, True), (128, False)]:
+            lens = edge_lens(P, gen, longest=2000) + [64 * 3, 64 * 4 + 1]
+            q, kv, table, seq = latent_case(k, gen, P, lens, three_d)
+            bad = poison_tails(kv, table, seq, P)
+            out, lse = xqa_jit.xqa_mla(q, bad, table, seq, sm_scale=DEEPSEEK_SM_SCALE, return_lse=True)
+            ref, ref_lse = mla_reference(q, kv, table, seq, sm_scale=DEEPSEEK_SM_SCALE, return_lse=True)
+            t = tol(k)
+            msg = f"{k.name} impl={impl} P={P} lens={lens}"
+            assert_attn_close(out, ref, atol=t["atol"], rtol=t["rtol"], max_rel=t["max_rel"], msg=msg)
+            assert_lse_close(lse, ref_lse, atol=t["lse_atol"], msg=msg)
+        q, kv, table, seq = latent_case(k, gen, 64, [12345, 100], False)
+        out = xqa_jit.xqa_mla(q, poison_tails(kv, table, seq, 64), table, seq, sm_scale=DEEPSEEK_SM_SCALE)
+        ref = mla_reference(q, kv, table, seq, sm_scale=DEEPSEEK_SM_SCALE)
+        t = tol(k)
+        assert_attn_close(out, ref, atol=t["atol"], rtol=t["rtol"], max_rel=t["max_rel"],
+                          msg=f"{k.name} impl={impl} long")
+    finally:
+        xqa_jit.mla_latent.set_impl(None)
+
+
 @pytest.mark.parametrize("k", SEED, ids=kernel_ids)
 def test_seed_form(gen, k):
     hkv = 128 // k.d  # (2, 4) for D=128, (1, 8) for D=64

@@ -50,13 +50,14 @@ _SPECS: dict = {}
 _PLANS: dict = {}
 
 
-IMPLS = ("auto", "v1", "v2")
+IMPLS = ("auto", "v1", "v2", "v3")
 _IMPL: list = [None]  # set_impl() override; None: $XQA_JIT_MLA_IMPL, default auto
 
 
 def set_impl(impl: str | None) -> None:
-    """Select the latent kernel for later calls: "auto" (spec.mla_impl_for: v2 for 64+ heads or an
-    FP8 cache on sm_90a, else v1), "v1" (templates/mla.cu.jinja, mma.sync), "v2"
+    """Select the latent kernel for later calls: "auto" (spec.mla_impl_for: on sm_90a v3 for a
+    16-bit cache with 64+ heads and pages of 8+ tokens, v2 for other 64+-head or FP8 cases, else
+    v1), "v3" (templates/mla3.cu.jinja, wgmma + TMA), "v1" (templates/mla.cu.jinja, mma.sync), "v2"
     (templates/mla2.cu.jinja, wgmma, sm_90a), or None to follow $XQA_JIT_MLA_IMPL (default auto)."""
     if impl is not None and impl not in IMPLS:
         raise ValueError(f"xqa_mla: unknown latent kernel implementation {impl!r}; "
@@ -97,13 +98,18 @@ def _split_plan(mod, dev: int, units: int, span: int):
     return pl
 
 
-def _module(qt: str, kvt: str, hq: int, debug: bool, dev: int, impl: str = "auto"):
-    key = (qt, kvt, hq, debug, dev, impl)
+def _module(qt: str, kvt: str, hq: int, debug: bool, dev: int, impl: str = "auto",
+            page_size: int = 64):
+    key = (qt, kvt, hq, debug, dev, impl, page_size >= 8)
     mod = _SPECS.get(key)
     if mod is None:
         arch = _build.device_arch(dev)
         if impl == "auto":
-            impl = mla_impl_for(hq, kvt, arch)
+            impl = mla_impl_for(hq, kvt, arch, page_size)
+        elif impl == "v3" and page_size < 8:
+            raise ValueError(f"xqa_mla: the v3 latent kernel needs page_size >= 8 (its copy engine "
+                             f"boxes are 8+ rows), got page_size={page_size}; use "
+                             f"XQA_JIT_MLA_IMPL=auto, v1 or v2")
         try:
             spec = MlaSpec(q_dtype=qt, kv_dtype=kvt, num_heads=hq, debug=debug, impl=impl)
         except SpecError as e:
@@ -216,7 +222,7 @@ def mla_latent(q, kv_cache, page_table, seq_lens, page_size=None, num_kv_heads=N
     # ---------------------------------------------------------------- kernel, plan, launch
     dev = _dev_index(q)
     debug = _build._env_flag("XQA_JIT_DEBUG")
-    mod = _module(qt, kvt, Hq, debug, dev, current_impl())
+    mod = _module(qt, kvt, Hq, debug, dev, current_impl(), P)
     units = B * mod.info["row_chunks"]  # (request, head group) pairs
     splits, chunk = _split_plan(mod, dev, units, cap)
     stream = torch._C._cuda_getCurrentRawStream(dev)

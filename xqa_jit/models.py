@@ -207,8 +207,10 @@ def _specs_for(cfg: dict, q: str, kv_dtypes, spec_len, tp, arch: str) -> list:
             if kv == "e5m2":
                 log.warning("xqa_jit: MLA has no e5m2 kernel; skipped")
                 continue
-            specs.append(MlaSpec(q_dtype=q, kv_dtype=kv, num_heads=heads,
-                                 impl=mla_impl_for(heads, kv, arch)))
+            # the kernel for pages of 8+ tokens, and (when it differs) the one for smaller pages
+            for impl in dict.fromkeys((mla_impl_for(heads, kv, arch, 64),
+                                       mla_impl_for(heads, kv, arch, 1))):
+                specs.append(MlaSpec(q_dtype=q, kv_dtype=kv, num_heads=heads, impl=impl))
         return specs
     hkv = int(cfg.get("num_key_value_heads") or h)
     hq_gpu, hkv_gpu = _heads_per_gpu(h, hkv, tp)

@@ -159,13 +159,18 @@ class DecodeSpec(_SpecBase):
 MLA_Q_DTYPES = ("fp16", "bf16")
 MLA_KV_DTYPES = ("fp16", "bf16", "e4m3")
 MLA_HEADS = (16, 32, 64, 128)
-MLA_IMPLS = ("v1", "v2")
+MLA_IMPLS = ("v1", "v2", "v3")
 
 
-def mla_impl_for(num_heads: int, kv_dtype: str, arch: str) -> str:
-    """The latent kernel to use: v2 (wgmma, sm_90a only) where it measured faster on the H100 —
-    64+ heads, or an FP8 cache — else v1 (mma.sync). See benchmarks/NOTES.md."""
-    if arch.startswith("9.0") and arch.endswith("a") and (num_heads >= 64 or kv_dtype in FP8_DTYPES):
+def mla_impl_for(num_heads: int, kv_dtype: str, arch: str, page_size: int = 64) -> str:
+    """The latent kernel to use, by what measured fastest on the H100 (benchmarks/NOTES.md):
+    v3 (wgmma, TMA, seesaw schedule; sm_90a) for a 16-bit cache with 64+ heads and pages of 8+
+    tokens; v2 (wgmma; sm_90a) for the other 64+-head or FP8 cases; else v1 (mma.sync)."""
+    if not (arch.startswith("9.0") and arch.endswith("a")):
+        return "v1"
+    if num_heads >= 64 and kv_dtype not in FP8_DTYPES and page_size >= 8:
+        return "v3"
+    if num_heads >= 64 or kv_dtype in FP8_DTYPES:
         return "v2"
     return "v1"
 
@@ -175,8 +180,9 @@ class MlaSpec(_SpecBase):
     """One variant of the DeepSeek-style latent-attention decode kernel (``xqa_mla``).
 
     Keys are the whole ``qk_dim``-wide latent row, values its first ``v_dim`` elements.
-    impl: "v1" (templates/mla.cu.jinja, mma.sync, any sm_80+) or "v2" (templates/mla2.cu.jinja,
-    wgmma with two warpgroups, sm_90a only).
+    impl: "v1" (templates/mla.cu.jinja, mma.sync, any sm_80+), "v2" (templates/mla2.cu.jinja,
+    wgmma with two warpgroups, sm_90a only) or "v3" (templates/mla3.cu.jinja, wgmma + TMA on the
+    seesaw schedule, sm_90a, 16-bit caches, 64/128 heads, pages of 8+ tokens).
     """
 
     q_dtype: str = "bf16"
@@ -191,7 +197,7 @@ class MlaSpec(_SpecBase):
 
     @property
     def template(self) -> str:
-        return "mla2.cu.jinja" if self.impl == "v2" else "mla.cu.jinja"
+        return {"v1": "mla.cu.jinja", "v2": "mla2.cu.jinja", "v3": "mla3.cu.jinja"}[self.impl]
 
     def __post_init__(self):
         _check(self.q_dtype in MLA_Q_DTYPES,
@@ -208,6 +214,9 @@ class MlaSpec(_SpecBase):
                f"got qk_dim={self.qk_dim}, v_dim={self.v_dim}")
         _check(isinstance(self.debug, bool), "debug must be a bool")
         _check(self.impl in MLA_IMPLS, f"MLA impl must be one of {MLA_IMPLS}, got {self.impl!r}")
+        _check(self.impl != "v3" or (self.kv_dtype not in FP8_DTYPES and self.num_heads >= 64),
+               f"MLA impl v3 takes a 16-bit cache and 64 or 128 heads, got kv_dtype="
+               f"{self.kv_dtype}, num_heads={self.num_heads}")
 
     @property
     def kv_fp8(self) -> bool:
@@ -216,7 +225,7 @@ class MlaSpec(_SpecBase):
     @property
     def name(self) -> str:
         n = f"mla_q{self.q_dtype}_kv{self.kv_dtype}_h{self.num_heads}_d{self.qk_dim}v{self.v_dim}"
-        return n + ("_debug" if self.debug else "") + ("_v2" if self.impl == "v2" else "")
+        return n + ("_debug" if self.debug else "") + ("" if self.impl == "v1" else f"_{self.impl}")
 
     def template_args(self) -> dict:
         return {**self._dtype_args(), "num_heads": self.num_heads, "qk_dim": self.qk_dim,
@@ -249,11 +258,11 @@ def _parse_name(name: str) -> "DecodeSpec | MlaSpec":
         if toks[0] == "mla":
             qk, v = toks[4][1:].split("v")
             extra = set(toks[5:])
-            if extra - {"debug", "v2"}:
-                raise KeyError(sorted(extra - {"debug", "v2"})[0])
+            if extra - {"debug", "v2", "v3"}:
+                raise KeyError(sorted(extra - {"debug", "v2", "v3"})[0])
             return MlaSpec(q_dtype=toks[1][1:], kv_dtype=toks[2][2:], num_heads=int(toks[3][1:]),
                            qk_dim=int(qk), v_dim=int(v), debug="debug" in extra,
-                           impl="v2" if "v2" in extra else "v1")
+                           impl="v3" if "v3" in extra else "v2" if "v2" in extra else "v1")
     except (IndexError, KeyError, ValueError) as e:
         raise SpecError(f"cannot parse spec name {name!r} ({e})") from None
     raise SpecError(f"cannot parse spec name {name!r}: it starts with neither 'decode' nor 'mla'")
