@@ -2,6 +2,8 @@
 
     timeout 120 python benchmarks/lab/mla3/lab.py smoke   # tiny cases, each printed before launch
     timeout 300 python benchmarks/lab/mla3/lab.py time    # deepseek-mla (B128 Hq128 L4096 P64), v2 vs v3
+    timeout 300 python benchmarks/lab/mla3/lab.py variants  # v3 built from edited renders, + an L2-hot run
+    python benchmarks/lab/mla3/lab.py prof                # three launches for ncu
 (`timeout`: a barrier-protocol bug hangs the kernel rather than failing.) Correctness proper is
 tests/test_mla_gpu.py (test_latent_impls forces each kernel, NaN-poisoned cache tails).
 """
@@ -78,5 +80,91 @@ elif mode == "time":
         log(f"deepseek-mla bf16 {impl}: {t:7.1f} us  {flops / t / 1e6:5.0f} TFLOP/s  "
             f"{128 * 4096 * 1152 / t / 1e3:6.0f} GB/s")
     mla_latent.set_impl(None)
+elif mode == "variants":
+    import subprocess
+    from pathlib import Path
+    from xqa_jit import build
+    from xqa_jit.render import render
+    from xqa_jit.spec import MlaSpec
+    spec = MlaSpec(q_dtype="bf16", kv_dtype="bf16", num_heads=128, impl="v3")
+    PF = {"L2_PREFETCH = false": "L2_PREFETCH = true"}
+    NOSKIP = {"SKIP_UNIT_RESCALE = true": "SKIP_UNIT_RESCALE = false"}
+    VARIANTS = {"base": {}, "noevict": {"L2_EVICT_FIRST = true": "L2_EVICT_FIRST = false"},
+                "prefetch": PF, "noskip": NOSKIP}
+    VARIANTS.update(EXTRA_VARIANTS if "EXTRA_VARIANTS" in globals() else {})
+    root = Path("/tmp/lab3"); root.mkdir(exist_ok=True)
+    jobs = {}
+    for vn, reps in VARIANTS.items():
+        src = render(spec)
+        for a, b in reps.items():
+            assert a in src, (vn, a[:50]); src = src.replace(a, b)
+        d = root / vn; d.mkdir(exist_ok=True); (d / "k.cu").write_text(src)
+        jobs[vn] = subprocess.Popen(["nvcc", "-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-shared",
+                                     "-Xcompiler", "-fPIC", "-o", str(d / "kernel.so"), str(d / "k.cu"), "-lcudart"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    for vn, pr in jobs.items():
+        o = pr.communicate()[0].decode()
+        if pr.returncode: log(f"BUILD FAIL {vn}: {o[-1500:]}")
+    sets = [make(128, 128, [4096] * 128, 64, torch.bfloat16, seed=s) for s in range(2)]
+    q, kv, table, seq = sets[0]
+    hot = [(q, kv, (table % 64).contiguous(), seq)]  # every request on the same 64 pages: L2-resident
+    flops = 128 * 128 * 4096 * (576 + 512) * 2
+    mla_latent.set_impl("v3")
+    for vn in VARIANTS:
+        d = root / vn
+        if not (d / "kernel.so").exists(): continue
+        mod = build.Module(spec, "9.0a", d, {"lib": "kernel.so"})
+        mla_latent._SPECS.clear(); mla_latent._PLANS.clear()
+        mla_latent._SPECS[("bf16", "bf16", 128, False, 0, "v3", True)] = mod
+        fn = lambda q, kv, t, s: xqa_jit.xqa_mla(q, kv, t, s, sm_scale=SCALE)
+        ok &= check(128, [200, 0, 1, 129, 4096], 64, torch.bfloat16, vn)
+        t = gtime(fn, sets)
+        th = gtime(fn, hot)
+        log(f"{vn:10s} {t:7.1f} us {flops / t / 1e6:5.0f} TFLOP/s | L2-hot {th:7.1f} us {flops / th / 1e6:5.0f} TFLOP/s")
+    mla_latent.set_impl(None)
+elif mode == "trace":
+    # clock64 stamps of the schedule's steps (TRACE(n) in the template) for block (0, 0, 5)
+    import ctypes, subprocess
+    from pathlib import Path
+    from xqa_jit import build
+    from xqa_jit.render import render
+    from xqa_jit.spec import MlaSpec
+    spec = MlaSpec(q_dtype="bf16", kv_dtype="bf16", num_heads=128, impl="v3")
+    d = Path("/tmp/lab3/trace"); d.mkdir(parents=True, exist_ok=True)
+    (d / "k.cu").write_text("#define XQA_MLA_TRACE 5\n" + render(spec))
+    r = subprocess.run(["nvcc", "-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-shared", "-Xcompiler",
+                        "-fPIC", "-o", str(d / "kernel.so"), str(d / "k.cu"), "-lcudart"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    mod = build.Module(spec, "9.0a", d, {"lib": "kernel.so"})
+    mla_latent.set_impl("v3")
+    mla_latent._SPECS.clear(); mla_latent._PLANS.clear()
+    mla_latent._SPECS[("bf16", "bf16", 128, False, 0, "v3", True)] = mod
+    q, kv, tb, sq = make(128, 128, [4096] * 128, 64, torch.bfloat16)
+    for _ in range(3):
+        xqa_jit.xqa_mla(q, kv, tb, sq, sm_scale=SCALE)
+    torch.cuda.synchronize()
+    buf = (ctypes.c_ulonglong * (2 * 64 * 12))()
+    assert mod.lib.xqa_trace(buf) == 0
+    import numpy as np
+    a = np.array(buf, dtype=np.int64).reshape(2, 64, 12)
+    names0 = ["top(S_A done)", "softmaxA+SCALE0", "PV_A_L done", "SCALE1 synced", "P0 stored", "P1 synced",
+              "S_A' 0-3 issued", "PV_B_L done", "S_A' 4-8 issued", "S_A' done"]
+    names1 = ["top(S_B done)", "SCALE0 synced", "softmaxB+SCALE1", "PV_B_R issued", "P0 synced", "PV_B_R done",
+              "PV_A_R done", "S_B' issued", "S_B' done"]
+    for i in range(8, 13):
+        t0 = a[0, i, 0]
+        log(f"iteration {i}: period {a[0, i + 1, 0] - t0} clk")
+        ev = sorted([(a[0, i, e] - t0, "WG0 " + n) for e, n in enumerate(names0)] +
+                    [(a[1, i, e] - t0, "    WG1 " + n) for e, n in enumerate(names1)])
+        for dt, n in ev:
+            log(f"   {dt:7d}  {n}")
+    periods = np.diff(a[0, 1:60, 0])
+    log(f"median period {int(np.median(periods))} clk over iterations 1..59")
+elif mode == "prof":
+    q, kv, t, s = make(128, 128, [4096] * 128, 64, torch.bfloat16)
+    mla_latent.set_impl(impls[0] if len(sys.argv) > 2 else "v3")
+    for _ in range(3):
+        xqa_jit.xqa_mla(q, kv, t, s, sm_scale=SCALE)
+    torch.cuda.synchronize()
 log("ALL OK" if ok else "SOME FAILED")
 open(os.path.join(os.environ.get("OUT", "/tmp"), f"mla3_{mode}.txt"), "w").write("\n".join(lines))
