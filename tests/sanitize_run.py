@@ -49,9 +49,16 @@ kvl = torch.randn(40, 64, 576, generator=g).to(dev).to(bf)
 ptl = torch.randperm(40, generator=g)[:36].view(3, 12).int().to(dev)
 o5 = xqa_jit.xqa_mla(q_(3, 16, 576, bf), kvl, ptl, torch.tensor([700, 1, 64], dtype=torch.int32, device=dev),
                      sm_scale=192 ** -0.5)
+# 128 heads, 16-bit cache, pages of 64 and 8: the TMA kernel (v3), with bad page ids past the end
+# and one request split over the sequence
+ptl_bad = ptl.clone(); ptl_bad[1, 1:] = 10**6
+o7 = xqa_jit.xqa_mla(q_(3, 128, 576, bf), kvl, ptl_bad, torch.tensor([700, 1, 64], dtype=torch.int32, device=dev))
+kv8 = torch.randn(300, 8, 576, generator=g).to(dev).to(fp)
+pt8l = torch.randperm(300, generator=g)[:296].view(2, 148).int().to(dev)
+o8 = xqa_jit.xqa_mla(q_(2, 64, 576, fp), kv8, pt8l, torch.tensor([1180, 77], dtype=torch.int32, device=dev))
 kvs = torch.randn(20, 16, 2, 256, generator=g).to(dev).to(fp)
 o6 = xqa_jit.xqa_mla(q_(2, 8, 128, fp), kvs, ptt, slt)
 torch.cuda.synchronize()
-for i, t in enumerate((o, o2, o3, o4, o5, o6)):
+for i, t in enumerate((o, o2, o3, o4, o5, o6, o7, o8)):
     assert torch.isfinite(t.float()).all(), f"output {i} not finite"
 print("sanitize_run: all launches completed")
