@@ -6,20 +6,9 @@ import xqa_jit, xqa_jit.api as api, xqa_jit.build as build
 from xqa_jit.spec import DecodeSpec
 from xqa_jit.render import render
 from mk import make
+from mk import gtime
 dev = "cuda"
 
-def gtime(fn, sets, reps=10, calls=12):
-    for s in sets: fn(*s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(calls): fn(*sets[i % len(sets)])
-    g.replay(); torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(True), torch.cuda.Event(True)
-        a.record(); g.replay(); b.record(); b.synchronize(); ts.append(a.elapsed_time(b) * 1e3 / calls)
-    return statistics.median(ts)
 
 def call(q, k, v, pt, sl): xqa_jit.xqa(q, k, v, pt, sl)
 out = []

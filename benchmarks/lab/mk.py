@@ -15,3 +15,19 @@ def make(B, Hq, Hkv, D, P, lens, dtype=torch.bfloat16, kvdtype=None, layout="NHD
     sl = torch.tensor(lens, dtype=torch.int32, device=dev)
     return q, k, v, perm, sl
 
+
+def gtime(fn, sets, reps=10, calls=12):
+    """Median microseconds per call of fn(*s) over `calls` calls (inputs rotated through `sets`)
+    captured in one CUDA graph, replayed `reps` times."""
+    import statistics
+    for s in sets: fn(*s)
+    torch.cuda.synchronize()
+    gr = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(gr):
+        for i in range(calls): fn(*sets[i % len(sets)])
+    gr.replay(); torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(True), torch.cuda.Event(True)
+        a.record(); gr.replay(); b.record(); b.synchronize(); ts.append(a.elapsed_time(b) * 1e3 / calls)
+    return statistics.median(ts)

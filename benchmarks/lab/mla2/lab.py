@@ -11,6 +11,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "..", "te
 import xqa_jit
 from xqa_jit import mla_latent
 from xqa_jit.reference import mla_reference
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from mk import gtime as _gtime
+def gtime(fn, sets, reps=10, calls=6): return _gtime(fn, sets, reps, calls)
 
 DEV = "cuda"
 SCALE = 192 ** -0.5 * (0.1 * math.log(40.0) + 1.0) ** 2
@@ -52,18 +55,6 @@ def check(hq, lens, P, qdt, kvdt, kv_scale=None, seed=0, tag=""):
     log(f"    rel_err={err:.2e} lse_err={lerr:.2e} neg_inf_ok={ok_inf} zeros_ok={zeros} -> {'OK' if ok else 'FAIL'}")
     return ok
 
-def gtime(fn, sets, reps=10, calls=6):
-    for s in sets: fn(*s)
-    torch.cuda.synchronize()
-    gr = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(gr):
-        for i in range(calls): fn(*sets[i % len(sets)])
-    gr.replay(); torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(True), torch.cuda.Event(True)
-        a.record(); gr.replay(); b.record(); b.synchronize(); ts.append(a.elapsed_time(b) * 1e3 / calls)
-    return statistics.median(ts)
 
 mode = sys.argv[1] if len(sys.argv) > 1 else "smoke"
 mla_latent.set_impl("v2")

@@ -12,6 +12,9 @@ import torch
 import xqa_jit
 from xqa_jit import mla_latent
 from xqa_jit.reference import mla_reference
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from mk import gtime as _gtime
+def gtime(fn, sets, reps=15, calls=4): return _gtime(fn, sets, reps, calls)
 
 DEV = "cuda"
 SCALE = 192 ** -0.5 * (0.1 * math.log(40.0) + 1.0) ** 2
@@ -45,18 +48,6 @@ def check(hq, lens, P, dt, tag=""):
     log(f"    rel_err={err:.2e} lse_err={lerr:.2e} -> {'OK' if ok else 'FAIL'}")
     return ok
 
-def gtime(fn, sets, reps=15, calls=4):
-    for st in sets: fn(*st)
-    torch.cuda.synchronize()
-    gr = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(gr):
-        for i in range(calls): fn(*sets[i % len(sets)])
-    gr.replay(); torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(True), torch.cuda.Event(True)
-        a.record(); gr.replay(); b.record(); b.synchronize(); ts.append(a.elapsed_time(b) * 1e3 / calls)
-    return statistics.median(ts)
 
 mode = sys.argv[1] if len(sys.argv) > 1 else "smoke"
 impls = sys.argv[2].split(",") if len(sys.argv) > 2 else ["v2", "v3"]
