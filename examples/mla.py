@@ -6,10 +6,15 @@
 The doc's form of xqa_mla: a (N, P, Hkv, 2*D) cache holding [K | V] per KV head; keys are the first D
 elements of a row, values the last D; out (B, Hq, D).
 """
-import argparse
+import sys
+from pathlib import Path
 
 import torch
 import xqa_jit
+from xqa_jit.reference import mla_reference
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _doc import cli, report  # noqa: E402
 
 
 def main(check: bool = False):
@@ -41,22 +46,11 @@ def main(check: bool = False):
         num_kv_heads=num_kv_heads
     )
 
-    print(f"output shape: {output.shape}")  # torch.Size([32, 32, 128])
-
-    if not check:
-        return None
-    from xqa_jit.reference import mla_reference
-
-    ref = mla_reference(
+    return report(output, check, lambda: mla_reference(
         q, mla_kv_cache, page_table, seq_lens,
         head_dim=head_dim, page_size=page_size, num_kv_heads=num_kv_heads,
-    )
-    err = (output.float() - ref).abs().max().item()
-    print(f"max |out - reference| = {err:.3e}")
-    return err
+    ))
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="compare with the PyTorch reference")
-    main(check=parser.parse_args().check)
+    cli(main, __doc__)

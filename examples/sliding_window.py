@@ -6,43 +6,22 @@
 Each query attends only its last 2048 keys (itself included). Setup as in standard.py, whose lengths
 run up to 4096, so about half the requests are cut by the window.
 """
-import argparse
+import sys
+from pathlib import Path
 
-import torch
 import xqa_jit
+from xqa_jit.reference import xqa_reference
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _doc import cli, report, standard_setup  # noqa: E402
 
 
 def main(check: bool = False):
     """Run the example; with ``check``, return max |out - reference| (float), else None."""
-    # --- setup of the standard example (examples/standard.py), which the doc's snippet reuses ---
-    torch.manual_seed(0)  # not in the doc: makes --check reproducible
-
-    batch_size = 32
-    num_qo_heads = 32
-    num_kv_heads = 8
-    head_dim = 128
-    page_size = 16
-    max_num_pages = 512
-    max_seq_len = 4096
-
-    # Queries
-    q = torch.randn(batch_size, num_qo_heads, head_dim).half().to("cuda:0")
-
-    # Paged KV cache
-    k_cache = torch.randn(
-        max_num_pages, page_size, num_kv_heads, head_dim,
-        dtype=torch.float16, device="cuda:0"
-    )
-    v_cache = k_cache.clone()
-
-    # Page table (page indices of each request)
-    max_pages_per_seq = max_seq_len // page_size + 1
-    page_table = torch.randint(
-        0, max_num_pages, (batch_size, max_pages_per_seq)
-    ).int().to("cuda:0")
-
-    # Sequence lengths
-    seq_lens = torch.randint(100, max_seq_len, (batch_size,)).int().to("cuda:0")
+    # --- setup of the standard example, which the doc's snippet reuses (examples/_doc.py) ---
+    s = standard_setup()
+    q, k_cache, v_cache, page_table, seq_lens = (s[k] for k in ("q", "k_cache", "v_cache", "page_table", "seq_lens"))
+    head_dim, page_size, num_kv_heads = s["head_dim"], s["page_size"], s["num_kv_heads"]
 
     # --- the doc's snippet ---
     sliding_window_size = 2048  # sliding window size
@@ -55,23 +34,12 @@ def main(check: bool = False):
         sliding_window_size=sliding_window_size
     )
 
-    print(f"output shape: {output.shape}")  # torch.Size([32, 32, 128])
-
-    if not check:
-        return None
-    from xqa_jit.reference import xqa_reference
-
-    ref = xqa_reference(
+    return report(output, check, lambda: xqa_reference(
         q, k_cache, v_cache, page_table, seq_lens,
         head_dim=head_dim, page_size=page_size, num_kv_heads=num_kv_heads,
         sliding_window_size=sliding_window_size,
-    )
-    err = (output.float() - ref).abs().max().item()
-    print(f"max |out - reference| = {err:.3e}")
-    return err
+    ))
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="compare with the PyTorch reference")
-    main(check=parser.parse_args().check)
+    cli(main, __doc__)
