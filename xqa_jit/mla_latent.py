@@ -2,7 +2,8 @@
 
 q (B, Hq, 576) = [absorbed q_nope (512) | q_pe (64)]; kv_cache (N, P, 576) or (N, P, 1, 576) =
 [c_kv (512) | k_pe (64)]; keys are the whole row, values its first 512 elements; out (B, Hq, 512).
-The kernel is templates/mla.cu.jinja. As in api.py, every check here runs on the host from shapes,
+The kernels are templates/mla.cu.jinja (v1), mla2.cu.jinja (v2) and mla3.cu.jinja (v3),
+chosen by spec.mla_impl_for (see set_impl). As in api.py, every check here runs on the host from shapes,
 dtypes, strides and devices only: nothing reads GPU memory, so a call stays asynchronous and
 capturable in a CUDA graph. Bad page ids and over-long seq_lens are clamped in the kernel; with
 XQA_JIT_DEBUG=1 the kernel reports the first one and this module raises.

@@ -42,6 +42,16 @@ __all__ = ["xqa_op_call", "xqa_mla_op_call"]
 _NO_LSE = (0,)
 
 
+def _dispatch(op, op_out, out, args, return_lse):
+    """Call the functional op (fresh output) or its out= variant; the public return convention."""
+    if out is None:
+        res, lse = op(*args)
+    else:
+        lse = op_out(out, *args)
+        res = out
+    return (res, lse) if return_lse else res
+
+
 def _split_scale(name, value):
     """float-or-tensor scale -> (Optional[Tensor], Optional[float])."""
     if value is None:
@@ -147,12 +157,7 @@ def xqa_op_call(q, k_cache, v_cache, page_table, seq_lens, head_dim, page_size, 
             kv_layout, None if sm_scale is None else float(sm_scale), pos_encoding_mode,
             float(rope_scale), float(rope_theta), sliding_window_size, sinks, kst, ksf, vst, vsf,
             kvt, kvf, spec_mask, bool(return_lse))
-    if out is None:
-        res, lse = torch.ops.xqa_jit.xqa(*args)
-    else:
-        lse = torch.ops.xqa_jit.xqa_out(out, *args)
-        res = out
-    return (res, lse) if return_lse else res
+    return _dispatch(torch.ops.xqa_jit.xqa, torch.ops.xqa_jit.xqa_out, out, args, return_lse)
 
 
 # ------------------------------------------------------------------------------------- xqa_mla
@@ -220,9 +225,5 @@ def xqa_mla_op_call(q, kv_cache, page_table, seq_lens, head_dim, page_size, num_
     kst, ksf = _split_scale("kv_scale", kv_scale)
     args = (q, kv_cache, page_table, seq_lens, head_dim, page_size, num_kv_heads, v_head_dim,
             None if sm_scale is None else float(sm_scale), kst, ksf, bool(return_lse))
-    if out is None:
-        res, lse = torch.ops.xqa_jit.xqa_mla(*args)
-    else:
-        lse = torch.ops.xqa_jit.xqa_mla_out(out, *args)
-        res = out
-    return (res, lse) if return_lse else res
+    return _dispatch(torch.ops.xqa_jit.xqa_mla, torch.ops.xqa_jit.xqa_mla_out, out, args,
+                     return_lse)

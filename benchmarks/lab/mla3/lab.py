@@ -78,10 +78,9 @@ elif mode == "variants":
     from xqa_jit.render import render
     from xqa_jit.spec import MlaSpec
     spec = MlaSpec(q_dtype="bf16", kv_dtype="bf16", num_heads=128, impl="v3")
-    PF = {"L2_PREFETCH = false": "L2_PREFETCH = true"}
     NOSKIP = {"SKIP_UNIT_RESCALE = true": "SKIP_UNIT_RESCALE = false"}
     VARIANTS = {"base": {}, "noevict": {"L2_EVICT_FIRST = true": "L2_EVICT_FIRST = false"},
-                "prefetch": PF, "noskip": NOSKIP}
+                "noskip": NOSKIP}
     VARIANTS.update(EXTRA_VARIANTS if "EXTRA_VARIANTS" in globals() else {})
     root = Path("/tmp/lab3"); root.mkdir(exist_ok=True)
     jobs = {}
