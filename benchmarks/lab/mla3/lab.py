@@ -1,13 +1,16 @@
-"""v3 (TMA + seesaw) latent MLA kernel on the device: smoke -> timing against v2.
+"""v3 (TMA, two warpgroups, two tiles per step) latent MLA kernel on the device: smoke -> timing against v2.
 
     timeout 120 python benchmarks/lab/mla3/lab.py smoke   # tiny cases, each printed before launch
     timeout 300 python benchmarks/lab/mla3/lab.py time    # deepseek-mla (B128 Hq128 L4096 P64), v2 vs v3
     timeout 300 python benchmarks/lab/mla3/lab.py variants  # v3 built from edited renders, + an L2-hot run
+        (LAB_SRC=DIR adds every DIR/*.cu as a whole-source variant, e.g. an earlier schedule's render)
+    timeout 100 python benchmarks/lab/mla3/lab.py trace [SRC.cu]  # clock64 stamps of one block's steps,
+        per-block entry/exit times (SM clock, waves, prologue); SRC.cu: a rendered source to trace instead
     python benchmarks/lab/mla3/lab.py prof                # three launches for ncu
 (`timeout`: a barrier-protocol bug hangs the kernel rather than failing.) Correctness proper is
 tests/test_mla_gpu.py (test_latent_impls forces each kernel, NaN-poisoned cache tails).
 """
-import math, os, statistics, sys
+import math, os, sys
 import torch
 import xqa_jit
 from xqa_jit import mla_latent
@@ -79,13 +82,21 @@ elif mode == "variants":
     from xqa_jit.spec import MlaSpec
     spec = MlaSpec(q_dtype="bf16", kv_dtype="bf16", num_heads=128, impl="v3")
     NOSKIP = {"SKIP_UNIT_RESCALE = true": "SKIP_UNIT_RESCALE = false"}
-    VARIANTS = {"base": {}, "noevict": {"L2_EVICT_FIRST = true": "L2_EVICT_FIRST = false"},
-                "noskip": NOSKIP}
+    NOEVICT = {"L2_EVICT_FIRST = true": "L2_EVICT_FIRST = false"}
+    VARIANTS = {"base": {}, "noevict": NOEVICT, "noskip": NOSKIP,
+                # no tensor-core work at all (wrong results): what the copies and barriers alone take
+                "nomma": {"wgmma_qk(s, desc_add": "if (0) wgmma_qk(s, desc_add",
+                          "wgmma_pv_rs(o, pb[kk]": "if (0) wgmma_pv_rs(o, pb[kk]",
+                          "wgmma_pv_ss(o, desc_add": "if (0) wgmma_pv_ss(o, desc_add"}}
     VARIANTS.update(EXTRA_VARIANTS if "EXTRA_VARIANTS" in globals() else {})
     root = Path("/tmp/lab3"); root.mkdir(exist_ok=True)
+    # whole-source variants: every *.cu under $LAB_SRC (e.g. an earlier schedule, rendered elsewhere)
+    srcs = {f.stem: f.read_text() for f in sorted(Path(os.environ["LAB_SRC"]).glob("*.cu"))} \
+        if os.environ.get("LAB_SRC") else {}
+    VARIANTS.update({k: {} for k in srcs})
     jobs = {}
     for vn, reps in VARIANTS.items():
-        src = render(spec)
+        src = srcs.get(vn) or render(spec)
         for a, b in reps.items():
             assert a in src, (vn, a[:50]); src = src.replace(a, b)
         d = root / vn; d.mkdir(exist_ok=True); (d / "k.cu").write_text(src)
@@ -121,7 +132,8 @@ elif mode == "trace":
     from xqa_jit.spec import MlaSpec
     spec = MlaSpec(q_dtype="bf16", kv_dtype="bf16", num_heads=128, impl="v3")
     d = Path("/tmp/lab3/trace"); d.mkdir(parents=True, exist_ok=True)
-    (d / "k.cu").write_text("#define XQA_MLA_TRACE 5\n" + render(spec))
+    src = open(sys.argv[2]).read() if len(sys.argv) > 2 else render(spec)  # optional: a rendered source
+    (d / "k.cu").write_text("#define XQA_MLA_TRACE 5\n" + src)
     r = subprocess.run(["nvcc", "-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-shared", "-Xcompiler",
                         "-fPIC", "-o", str(d / "kernel.so"), str(d / "k.cu"), "-lcudart"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -137,19 +149,47 @@ elif mode == "trace":
     assert mod.lib.xqa_trace(buf) == 0
     import numpy as np
     a = np.array(buf, dtype=np.int64).reshape(2, 64, 12)
-    names0 = ["top(S_A done)", "softmaxA+SCALE0", "PV_A_L done", "SCALE1 synced", "P0 stored", "P1 synced",
-              "S_A' 0-3 issued", "PV_B_L done", "S_A' 4-8 issued", "S_A' done"]
-    names1 = ["top(S_B done)", "SCALE0 synced", "softmaxB+SCALE1", "PV_B_R issued", "P0 synced", "PV_B_R done",
-              "PV_A_R done", "S_B' issued", "S_B' done"]
-    for i in range(8, 13):
+    names0 = ["top(S_A done)", "softmaxA+P_A+SCALE0", "PV_A_L done", "SCALE1 synced", "PV_B_L done",
+              "S_A' landed+issued", "S_A' done"]
+    names1 = ["top(S_B done)", "SCALE0 synced", "softmaxB+P_B+SCALE1", "PV_A_R done", "PV_B_R done",
+              "S_B' landed+issued", "S_B' done"]
+    if len(sys.argv) > 2:  # the seesaw schedule's events (session 2)
+        names0 = ["top(S_A done)", "softmaxA+SCALE0", "PV_A_L done", "SCALE1 synced", "P0 stored", "P1 synced",
+                  "S_A' 0-3 issued", "PV_B_L done", "S_A' 4-8 issued", "S_A' done"]
+        names1 = ["top(S_B done)", "SCALE0 synced", "softmaxB+SCALE1", "PV_B_R issued", "P0 synced", "PV_B_R done",
+                  "PV_A_R done", "S_B' issued", "S_B' done"]
+    for i in (4, 10, 20):
         t0 = a[0, i, 0]
         log(f"iteration {i}: period {a[0, i + 1, 0] - t0} clk")
         ev = sorted([(a[0, i, e] - t0, "WG0 " + n) for e, n in enumerate(names0)] +
                     [(a[1, i, e] - t0, "    WG1 " + n) for e, n in enumerate(names1)])
         for dt, n in ev:
             log(f"   {dt:7d}  {n}")
-    periods = np.diff(a[0, 1:60, 0])
-    log(f"median period {int(np.median(periods))} clk over iterations 1..59")
+    try:  # per-block entry/exit stamps (sources older than session 3 lack them)
+        cb = (ctypes.c_ulonglong * (512 * 6))()
+        assert mod.lib.xqa_trace_cta(cb) == 0
+        c = np.array(cb, dtype=np.float64).reshape(512, 6)[:256]
+        ghz = (c[:, 4] - c[:, 2]) / (c[:, 3] - c[:, 1])
+        t0 = c[:, 1].min()
+        st, en = (c[:, 1] - t0) / 1e3, (c[:, 3] - t0) / 1e3
+        pro = (c[:, 5] - c[:, 2]) / ghz / 1e3
+        w1 = st < 2.0
+        log(f"SM clock {np.median(ghz):.3f} GHz (min {ghz.min():.3f}); kernel span {en.max():.1f} us; "
+            f"wave 1: {int(w1.sum())} blocks, {np.median(en[w1] - st[w1]):.1f} us each (max {np.max(en[w1] - st[w1]):.1f}); "
+            f"wave 2 starts {st[~w1].min():.1f}..{st[~w1].max():.1f} us, lasts {np.median(en[~w1] - st[~w1]):.1f} us; "
+            f"entry -> step 0: {np.median(pro):.2f} us")
+        gaps = []
+        for sm in np.unique(c[:, 0]):
+            idx = np.where(c[:, 0] == sm)[0]
+            idx = idx[np.argsort(st[idx])]
+            gaps += [st[j] - en[k] for k, j in zip(idx[:-1], idx[1:])]
+        if gaps:
+            log(f"same-SM gap between blocks: median {np.median(gaps):.2f} us, max {np.max(gaps):.2f} us")
+    except (AttributeError, AssertionError) as e:
+        log(f"(no per-block stamps: {type(e).__name__})")
+    n = int((a[0, :, 0] > 0).sum())  # stamped steps (one per two tiles)
+    periods = np.diff(a[0, 1:n, 0])
+    log(f"median period {int(np.median(periods))} clk over steps 1..{n - 1} (min {periods.min()}, max {periods.max()})")
 elif mode == "prof":
     q, kv, t, s = make(128, 128, [4096] * 128, 64, torch.bfloat16)
     mla_latent.set_impl(impls[0] if len(sys.argv) > 2 else "v3")
