@@ -164,8 +164,9 @@ MLA_IMPLS = ("v1", "v2", "v3")
 
 def mla_impl_for(num_heads: int, kv_dtype: str, arch: str, page_size: int = 64) -> str:
     """The latent kernel to use, by what measured fastest on the H100 (benchmarks/NOTES.md):
-    v3 (wgmma, TMA, seesaw schedule; sm_90a) for a 16-bit cache with 64+ heads and pages of 8+
-    tokens; v2 (wgmma; sm_90a) for the other 64+-head or FP8 cases; else v1 (mma.sync)."""
+    v3 (wgmma, TMA, two warpgroups on two tiles per step; sm_90a) for a 16-bit cache with 64+
+    heads and pages of 8+ tokens; v2 (wgmma; sm_90a) for the other 64+-head or FP8 cases; else v1
+    (mma.sync)."""
     if not (arch.startswith("9.0") and arch.endswith("a")):
         return "v1"
     if num_heads >= 64 and kv_dtype not in FP8_DTYPES and page_size >= 8:
@@ -181,8 +182,8 @@ class MlaSpec(_SpecBase):
 
     Keys are the whole ``qk_dim``-wide latent row, values its first ``v_dim`` elements.
     impl: "v1" (templates/mla.cu.jinja, mma.sync, any sm_80+), "v2" (templates/mla2.cu.jinja,
-    wgmma with two warpgroups, sm_90a only) or "v3" (templates/mla3.cu.jinja, wgmma + TMA on the
-    seesaw schedule, sm_90a, 16-bit caches, 64/128 heads, pages of 8+ tokens).
+    wgmma with two warpgroups, sm_90a only) or "v3" (templates/mla3.cu.jinja, wgmma + TMA, two
+    warpgroups on two tiles per step, sm_90a, 16-bit caches, 64/128 heads, pages of 8+ tokens).
     """
 
     q_dtype: str = "bf16"
