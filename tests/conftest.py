@@ -58,3 +58,11 @@ def cuda_device():
     if not HAS_CUDA:
         pytest.skip("needs a CUDA GPU")
     return torch.device("cuda")
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    """A fresh, empty kernel cache for one test (builds allowed)."""
+    monkeypatch.setenv("XQA_JIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("XQA_JIT_NO_BUILD", raising=False)
+    return tmp_path / "cache"

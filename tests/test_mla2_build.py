@@ -78,13 +78,6 @@ def test_impl_switch(monkeypatch):
         mla_latent.current_impl()
 
 
-@pytest.fixture
-def cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("XQA_JIT_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("XQA_JIT_NO_BUILD", raising=False)
-    return tmp_path / "cache"
-
-
 @pytest.mark.build
 @pytest.mark.parametrize("spec, rows, groups", [
     (MlaSpec(q_dtype="bf16", kv_dtype="bf16", num_heads=128, impl="v2"), 64, 2),

@@ -34,13 +34,6 @@ def test_params_layout():
     assert "double sm_scale, kv_scale;" in body
 
 
-@pytest.fixture
-def cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("XQA_JIT_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("XQA_JIT_NO_BUILD", raising=False)
-    return tmp_path / "cache"
-
-
 @pytest.mark.build
 @pytest.mark.parametrize("spec, threads, heads_per_block, head_groups", [
     (MlaSpec(q_dtype="bf16", kv_dtype="bf16", num_heads=128), 256, 64, 2),
