@@ -10,6 +10,7 @@ module: memcheck makes each launch far slower, so it is run on its own.
 import torch
 
 import xqa_jit
+import xqa_jit.mla_latent
 
 dev = "cuda"
 g = torch.Generator(device="cpu").manual_seed(0)
@@ -56,9 +57,13 @@ o7 = xqa_jit.xqa_mla(q_(3, 128, 576, bf), kvl, ptl_bad, torch.tensor([700, 1, 64
 kv8 = torch.randn(300, 8, 576, generator=g).to(dev).to(fp)
 pt8l = torch.randperm(300, generator=g)[:296].view(2, 148).int().to(dev)
 o8 = xqa_jit.xqa_mla(q_(2, 64, 576, fp), kv8, pt8l, torch.tensor([1180, 77], dtype=torch.int32, device=dev))
+# the experimental pair kernel (v4: a cluster of two blocks per request, st.async exchange)
+xqa_jit.mla_latent.set_impl("v4")
+o9 = xqa_jit.xqa_mla(q_(3, 128, 576, bf), kvl, ptl_bad, torch.tensor([700, 1, 64], dtype=torch.int32, device=dev))
+xqa_jit.mla_latent.set_impl(None)
 kvs = torch.randn(20, 16, 2, 256, generator=g).to(dev).to(fp)
 o6 = xqa_jit.xqa_mla(q_(2, 8, 128, fp), kvs, ptt, slt)
 torch.cuda.synchronize()
-for i, t in enumerate((o, o2, o3, o4, o5, o6, o7, o8)):
+for i, t in enumerate((o, o2, o3, o4, o5, o6, o7, o8, o9)):
     assert torch.isfinite(t.float()).all(), f"output {i} not finite"
 print("sanitize_run: all launches completed")

@@ -1,5 +1,6 @@
-"""CPU tests of the wgmma latent MLA kernels (templates/mla2.cu.jinja and mla3.cu.jinja,
-XQA_JIT_MLA_IMPL=v2/v3): every variant renders, some compile through the cache and report the
+"""CPU tests of the wgmma latent MLA kernels (templates/mla2.cu.jinja, mla3.cu.jinja and the
+experimental mla4.cu.jinja, XQA_JIT_MLA_IMPL=v2/v3/v4): every variant renders, some compile through
+the cache and report the
 geometry xqa_jit.mla_latent relies on, the automatic choice, and the implementation switch is read
 at call time."""
 from __future__ import annotations
@@ -16,10 +17,11 @@ ALL = [MlaSpec(q_dtype=q, kv_dtype=kv, num_heads=h, impl="v2")
        for h in (16, 32, 64, 128)]
 ALL_V3 = [MlaSpec(q_dtype=q, kv_dtype=q, num_heads=h, impl="v3")
           for q in ("fp16", "bf16") for h in (64, 128)]
+ALL_V4 = [MlaSpec(q_dtype=q, kv_dtype=q, num_heads=128, impl="v4") for q in ("fp16", "bf16")]
 
 
 def test_all_variants_render():
-    for spec in ALL + ALL_V3 + [MlaSpec(debug=True, impl="v2"), MlaSpec(debug=True, impl="v3")]:
+    for spec in ALL + ALL_V3 + ALL_V4 + [MlaSpec(debug=True, impl=i) for i in ("v2", "v3", "v4")]:
         src = render(spec)
         assert f"xqa_jit generated source: {spec.name}" in src
         assert "xqa_launch" in src and "xqa_info" in src and "xqa_occupancy" in src
@@ -47,6 +49,16 @@ def test_v3_spec():
             MlaSpec(impl="v3", **bad)
 
 
+def test_v4_spec():
+    v4 = MlaSpec(impl="v4")
+    assert v4.name.endswith("_v4") and v4.template == "mla4.cu.jinja" and MlaSpec.parse(v4.name) == v4
+    src = render(v4)
+    assert "__cluster_dims__(2, 1, 1)" in src and "st.async.shared::cluster" in src
+    for bad in (dict(kv_dtype="e4m3"), dict(num_heads=64), dict(num_heads=16)):
+        with pytest.raises(SpecError):
+            MlaSpec(impl="v4", **bad)
+
+
 def test_auto_choice():
     assert mla_impl_for(128, "bf16", "9.0a", 64) == "v3"
     assert mla_impl_for(64, "fp16", "9.0a", 8) == "v3"
@@ -69,8 +81,10 @@ def test_impl_switch(monkeypatch):
         assert mla_latent.current_impl() == "v1"
         mla_latent.set_impl("v3")
         assert mla_latent.current_impl() == "v3"
+        mla_latent.set_impl("v4")
+        assert mla_latent.current_impl() == "v4"
         with pytest.raises(ValueError):
-            mla_latent.set_impl("v4")
+            mla_latent.set_impl("v5")
     finally:
         mla_latent.set_impl(None)
     monkeypatch.setenv("XQA_JIT_MLA_IMPL", "nope")
@@ -79,16 +93,17 @@ def test_impl_switch(monkeypatch):
 
 
 @pytest.mark.build
-@pytest.mark.parametrize("spec, rows, groups", [
-    (MlaSpec(q_dtype="bf16", kv_dtype="bf16", num_heads=128, impl="v2"), 64, 2),
-    (MlaSpec(q_dtype="fp16", kv_dtype="e4m3", num_heads=16, impl="v2"), 16, 1),
-    (MlaSpec(q_dtype="bf16", kv_dtype="bf16", num_heads=128, impl="v3"), 64, 2),
+@pytest.mark.parametrize("spec, rows, groups, splits", [
+    (MlaSpec(q_dtype="bf16", kv_dtype="bf16", num_heads=128, impl="v2"), 64, 2, 64),
+    (MlaSpec(q_dtype="fp16", kv_dtype="e4m3", num_heads=16, impl="v2"), 16, 1, 64),
+    (MlaSpec(q_dtype="bf16", kv_dtype="bf16", num_heads=128, impl="v3"), 64, 2, 64),
+    (MlaSpec(q_dtype="bf16", kv_dtype="bf16", num_heads=128, impl="v4"), 64, 2, 1),  # the pair
 ], ids=lambda v: v.name if isinstance(v, MlaSpec) else None)
-def test_build_and_info(cache_dir, spec, rows, groups):
+def test_build_and_info(cache_dir, spec, rows, groups, splits):
     mod = xb.get_module(spec, "9.0a")
     info = mod.info
     assert info["threads"] == 256
     assert info["rows_per_block"] == rows and info["row_chunks"] == groups
-    assert info["tile_tokens"] == 64 and info["max_splits"] == 64
+    assert info["tile_tokens"] == 64 and info["max_splits"] == splits
     assert 64 * 512 * 4 <= info["smem_bytes"] <= 232448
     assert mod.meta["name"] == spec.name and str(mod.path).startswith(str(cache_dir))

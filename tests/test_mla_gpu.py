@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import xqa_jit
+import xqa_jit.mla_latent
 from helpers import (
     BF16, E4M3, F16, GPU_MARKS, Kernel, MlaKernel, assert_attn_close, assert_lse_close, dequantize,
     edge_lens, kernel_ids, make_latent_kv, make_q,
@@ -127,10 +128,12 @@ def poison_tails(kv, table, lens, P):
 
 
 IMPL_CASES = [MlaKernel(BF16, BF16, 128), MlaKernel(F16, F16, 64)]
+# (v4 takes 128 heads only: its fp16 case is a 128-head one)
+IMPL_PARAMS = [(i, k) for i in ("v2", "v3") for k in IMPL_CASES] + \
+    [("v4", MlaKernel(BF16, BF16, 128)), ("v4", MlaKernel(F16, F16, 128))]
 
 
-@pytest.mark.parametrize("impl", ["v2", "v3"])
-@pytest.mark.parametrize("k", IMPL_CASES, ids=kernel_ids)
+@pytest.mark.parametrize("impl,k", IMPL_PARAMS, ids=[f"{i}-{kernel_ids(k)}" for i, k in IMPL_PARAMS])
 def test_latent_impls(gen, k, impl):
     """Each wgmma kernel forced, on page sizes that give v3 several copy boxes per tile (8, 32), one
     (64) or a tile inside a larger page (128), with NaN in every row past the requests' ends; odd

@@ -2,7 +2,8 @@
 
 q (B, Hq, 576) = [absorbed q_nope (512) | q_pe (64)]; kv_cache (N, P, 576) or (N, P, 1, 576) =
 [c_kv (512) | k_pe (64)]; keys are the whole row, values its first 512 elements; out (B, Hq, 512).
-The kernels are templates/mla.cu.jinja (v1), mla2.cu.jinja (v2) and mla3.cu.jinja (v3),
+The kernels are templates/mla.cu.jinja (v1), mla2.cu.jinja (v2), mla3.cu.jinja (v3) and the
+experimental mla4.cu.jinja (v4, only when asked for),
 chosen by spec.mla_impl_for (see set_impl). As in api.py, every check here runs on the host from shapes,
 dtypes, strides and devices only: nothing reads GPU memory, so a call stays asynchronous and
 capturable in a CUDA graph. Bad page ids and over-long seq_lens are clamped in the kernel; with
@@ -51,7 +52,7 @@ _SPECS: dict = {}
 _PLANS: dict = {}
 
 
-IMPLS = ("auto", "v1", "v2", "v3")
+IMPLS = ("auto", "v1", "v2", "v3", "v4")
 _IMPL: list = [None]  # set_impl() override; None: $XQA_JIT_MLA_IMPL, default auto
 
 
@@ -59,7 +60,9 @@ def set_impl(impl: str | None) -> None:
     """Select the latent kernel for later calls: "auto" (spec.mla_impl_for: on sm_90a v3 for a
     16-bit cache with 64+ heads and pages of 8+ tokens, v2 for other 64+-head or FP8 cases, else
     v1), "v3" (templates/mla3.cu.jinja, wgmma + TMA), "v1" (templates/mla.cu.jinja, mma.sync), "v2"
-    (templates/mla2.cu.jinja, wgmma, sm_90a), or None to follow $XQA_JIT_MLA_IMPL (default auto)."""
+    (templates/mla2.cu.jinja, wgmma, sm_90a), "v4" (templates/mla4.cu.jinja, experimental: 128
+    heads, 16-bit cache, a two-block cluster per request, no split-KV; slower than v3 so far), or
+    None to follow $XQA_JIT_MLA_IMPL (default auto)."""
     if impl is not None and impl not in IMPLS:
         raise ValueError(f"xqa_mla: unknown latent kernel implementation {impl!r}; "
                          f"expected one of {sorted(IMPLS)}")
@@ -107,8 +110,8 @@ def _module(qt: str, kvt: str, hq: int, debug: bool, dev: int, impl: str = "auto
         arch = _build.device_arch(dev)
         if impl == "auto":
             impl = mla_impl_for(hq, kvt, arch, page_size)
-        elif impl == "v3" and page_size < 8:
-            raise ValueError(f"xqa_mla: the v3 latent kernel needs page_size >= 8 (its copy engine "
+        elif impl in ("v3", "v4") and page_size < 8:
+            raise ValueError(f"xqa_mla: the {impl} latent kernel needs page_size >= 8 (its copy engine "
                              f"boxes are 8+ rows), got page_size={page_size}; use "
                              f"XQA_JIT_MLA_IMPL=auto, v1 or v2")
         try:

@@ -159,7 +159,7 @@ class DecodeSpec(_SpecBase):
 MLA_Q_DTYPES = ("fp16", "bf16")
 MLA_KV_DTYPES = ("fp16", "bf16", "e4m3")
 MLA_HEADS = (16, 32, 64, 128)
-MLA_IMPLS = ("v1", "v2", "v3")
+MLA_IMPLS = ("v1", "v2", "v3", "v4")
 
 
 def mla_impl_for(num_heads: int, kv_dtype: str, arch: str, page_size: int = 64) -> str:
@@ -183,7 +183,9 @@ class MlaSpec(_SpecBase):
     Keys are the whole ``qk_dim``-wide latent row, values its first ``v_dim`` elements.
     impl: "v1" (templates/mla.cu.jinja, mma.sync, any sm_80+), "v2" (templates/mla2.cu.jinja,
     wgmma with two warpgroups, sm_90a only) or "v3" (templates/mla3.cu.jinja, wgmma + TMA, two
-    warpgroups on two tiles per step, sm_90a, 16-bit caches, 64/128 heads, pages of 8+ tokens).
+    warpgroups on two tiles per step, sm_90a, 16-bit caches, 64/128 heads, pages of 8+ tokens) or
+    "v4" (templates/mla4.cu.jinja, experimental: a cluster of two blocks per request splitting the
+    latent dims, 128 heads, 16-bit caches, one chunk per request; never chosen by mla_impl_for).
     """
 
     q_dtype: str = "bf16"
@@ -198,7 +200,8 @@ class MlaSpec(_SpecBase):
 
     @property
     def template(self) -> str:
-        return {"v1": "mla.cu.jinja", "v2": "mla2.cu.jinja", "v3": "mla3.cu.jinja"}[self.impl]
+        return {"v1": "mla.cu.jinja", "v2": "mla2.cu.jinja", "v3": "mla3.cu.jinja",
+                "v4": "mla4.cu.jinja"}[self.impl]
 
     def __post_init__(self):
         _check(self.q_dtype in MLA_Q_DTYPES,
@@ -218,6 +221,9 @@ class MlaSpec(_SpecBase):
         _check(self.impl != "v3" or (self.kv_dtype not in FP8_DTYPES and self.num_heads >= 64),
                f"MLA impl v3 takes a 16-bit cache and 64 or 128 heads, got kv_dtype="
                f"{self.kv_dtype}, num_heads={self.num_heads}")
+        _check(self.impl != "v4" or (self.kv_dtype not in FP8_DTYPES and self.num_heads == 128),
+               f"MLA impl v4 takes a 16-bit cache and 128 heads, got kv_dtype={self.kv_dtype}, "
+               f"num_heads={self.num_heads}")
 
     @property
     def kv_fp8(self) -> bool:
@@ -259,11 +265,12 @@ def _parse_name(name: str) -> "DecodeSpec | MlaSpec":
         if toks[0] == "mla":
             qk, v = toks[4][1:].split("v")
             extra = set(toks[5:])
-            if extra - {"debug", "v2", "v3"}:
-                raise KeyError(sorted(extra - {"debug", "v2", "v3"})[0])
+            impls = {"v2", "v3", "v4"}
+            if extra - {"debug"} - impls:
+                raise KeyError(sorted(extra - {"debug"} - impls)[0])
             return MlaSpec(q_dtype=toks[1][1:], kv_dtype=toks[2][2:], num_heads=int(toks[3][1:]),
                            qk_dim=int(qk), v_dim=int(v), debug="debug" in extra,
-                           impl="v3" if "v3" in extra else "v2" if "v2" in extra else "v1")
+                           impl=next(iter(sorted(extra & impls)), "v1"))
     except (IndexError, KeyError, ValueError) as e:
         raise SpecError(f"cannot parse spec name {name!r} ({e})") from None
     raise SpecError(f"cannot parse spec name {name!r}: it starts with neither 'decode' nor 'mla'")
