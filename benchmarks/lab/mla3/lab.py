@@ -1,9 +1,11 @@
 """v3 (TMA, two warpgroups, two tiles per step) latent MLA kernel on the device: smoke -> timing against v2.
 
-    timeout 120 python benchmarks/lab/mla3/lab.py smoke   # tiny cases, each printed before launch
+    timeout 120 python benchmarks/lab/mla3/lab.py smoke [v4]  # tiny cases, each printed before launch
     timeout 300 python benchmarks/lab/mla3/lab.py time    # deepseek-mla (B128 Hq128 L4096 P64), v2 vs v3
     timeout 300 python benchmarks/lab/mla3/lab.py variants  # v3 built from edited renders, + an L2-hot run
-        (LAB_SRC=DIR adds every DIR/*.cu as a whole-source variant, e.g. an earlier schedule's render)
+        (LAB_SRC=DIR adds every DIR/*.cu as a whole-source variant, e.g. an earlier schedule's render;
+        LAB_ONLY=a,b,... keeps only those variants; LAB_IMPL=v4 edits and traces the pair kernel v4
+        instead of v3, with its own "noxch" variant: no partial exchange, wrong results)
     timeout 100 python benchmarks/lab/mla3/lab.py trace [SRC.cu]  # clock64 stamps of one block's steps,
         per-block entry/exit times (SM clock, waves, prologue); SRC.cu: a rendered source to trace instead
     python benchmarks/lab/mla3/lab.py prof                # three launches for ncu
@@ -55,8 +57,12 @@ def check(hq, lens, P, dt, tag=""):
 mode = sys.argv[1] if len(sys.argv) > 1 else "smoke"
 impls = sys.argv[2].split(",") if len(sys.argv) > 2 else ["v2", "v3"]
 ok = True
-if mode == "smoke":
-    mla_latent.set_impl("v3")
+if mode == "smoke":  # lab.py smoke [impl]: v3 unless named (v4 takes 128 heads only)
+    smoke_impl = sys.argv[2] if len(sys.argv) > 2 else "v3"
+    mla_latent.set_impl(smoke_impl)
+    if smoke_impl == "v4":
+        _check = check
+        check = lambda hq, *a: _check(128, *a)
     for dt in (torch.bfloat16, torch.float16):
         ok &= check(64, [64], 64, dt, "one tile")
         ok &= check(64, [128], 64, dt, "two tiles")
@@ -80,7 +86,8 @@ elif mode == "variants":
     from xqa_jit import build
     from xqa_jit.render import render
     from xqa_jit.spec import MlaSpec
-    spec = MlaSpec(q_dtype="bf16", kv_dtype="bf16", num_heads=128, impl="v3")
+    LIMPL = os.environ.get("LAB_IMPL", "v3")  # the kernel the variants edit (v3 or v4)
+    spec = MlaSpec(q_dtype="bf16", kv_dtype="bf16", num_heads=128, impl=LIMPL)
     NOSKIP = {"SKIP_UNIT_RESCALE = true": "SKIP_UNIT_RESCALE = false"}
     NOEVICT = {"L2_EVICT_FIRST = true": "L2_EVICT_FIRST = false"}
     VARIANTS = {"base": {}, "noevict": NOEVICT, "noskip": NOSKIP,
@@ -88,12 +95,17 @@ elif mode == "variants":
                 "nomma": {"wgmma_qk(s, desc_add": "if (0) wgmma_qk(s, desc_add",
                           "wgmma_pv_rs(o, pb[kk]": "if (0) wgmma_pv_rs(o, pb[kk]",
                           "wgmma_pv_ss(o, desc_add": "if (0) wgmma_pv_ss(o, desc_add"}}
+    if LIMPL == "v4":
+        VARIANTS["nomma"].pop("wgmma_pv_ss(o, desc_add")
+        VARIANTS["noxch"] = {"EXCHANGE = true": "EXCHANGE = false"}
     VARIANTS.update(EXTRA_VARIANTS if "EXTRA_VARIANTS" in globals() else {})
     root = Path("/tmp/lab3"); root.mkdir(exist_ok=True)
     # whole-source variants: every *.cu under $LAB_SRC (e.g. an earlier schedule, rendered elsewhere)
     srcs = {f.stem: f.read_text() for f in sorted(Path(os.environ["LAB_SRC"]).glob("*.cu"))} \
         if os.environ.get("LAB_SRC") else {}
     VARIANTS.update({k: {} for k in srcs})
+    if os.environ.get("LAB_ONLY"):  # a comma-separated subset of the variants above
+        VARIANTS = {k: v for k, v in VARIANTS.items() if k in os.environ["LAB_ONLY"].split(",")}
     jobs = {}
     for vn, reps in VARIANTS.items():
         src = srcs.get(vn) or render(spec)
@@ -110,13 +122,13 @@ elif mode == "variants":
     q, kv, table, seq = sets[0]
     hot = [(q, kv, (table % 64).contiguous(), seq)]  # every request on the same 64 pages: L2-resident
     flops = 128 * 128 * 4096 * (576 + 512) * 2
-    mla_latent.set_impl("v3")
+    mla_latent.set_impl(LIMPL)
     for vn in VARIANTS:
         d = root / vn
         if not (d / "kernel.so").exists(): continue
         mod = build.Module(spec, "9.0a", d, {"lib": "kernel.so"})
         mla_latent._SPECS.clear(); mla_latent._PLANS.clear()
-        mla_latent._SPECS[("bf16", "bf16", 128, False, 0, "v3", True)] = mod
+        mla_latent._SPECS[("bf16", "bf16", 128, False, 0, LIMPL, True)] = mod
         fn = lambda q, kv, t, s: xqa_jit.xqa_mla(q, kv, t, s, sm_scale=SCALE)
         ok &= check(128, [200, 0, 1, 129, 4096], 64, torch.bfloat16, vn)
         t = gtime(fn, sets)
@@ -130,7 +142,8 @@ elif mode == "trace":
     from xqa_jit import build
     from xqa_jit.render import render
     from xqa_jit.spec import MlaSpec
-    spec = MlaSpec(q_dtype="bf16", kv_dtype="bf16", num_heads=128, impl="v3")
+    LIMPL = os.environ.get("LAB_IMPL", "v3")
+    spec = MlaSpec(q_dtype="bf16", kv_dtype="bf16", num_heads=128, impl=LIMPL)
     d = Path("/tmp/lab3/trace"); d.mkdir(parents=True, exist_ok=True)
     src = open(sys.argv[2]).read() if len(sys.argv) > 2 else render(spec)  # optional: a rendered source
     (d / "k.cu").write_text("#define XQA_MLA_TRACE 5\n" + src)
@@ -138,9 +151,9 @@ elif mode == "trace":
                         "-fPIC", "-o", str(d / "kernel.so"), str(d / "k.cu"), "-lcudart"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     mod = build.Module(spec, "9.0a", d, {"lib": "kernel.so"})
-    mla_latent.set_impl("v3")
+    mla_latent.set_impl(LIMPL)
     mla_latent._SPECS.clear(); mla_latent._PLANS.clear()
-    mla_latent._SPECS[("bf16", "bf16", 128, False, 0, "v3", True)] = mod
+    mla_latent._SPECS[("bf16", "bf16", 128, False, 0, LIMPL, True)] = mod
     q, kv, tb, sq = make(128, 128, [4096] * 128, 64, torch.bfloat16)
     for _ in range(3):
         xqa_jit.xqa_mla(q, kv, tb, sq, sm_scale=SCALE)
@@ -153,11 +166,14 @@ elif mode == "trace":
               "S_A' landed+issued", "S_A' done"]
     names1 = ["top(S_B done)", "SCALE0 synced", "softmaxB+P_B+SCALE1", "PV_A_R done", "PV_B_R done",
               "S_B' landed+issued", "S_B' done"]
-    if len(sys.argv) > 2:  # the seesaw schedule's events (session 2)
+    if len(sys.argv) > 2 and "seesaw" in sys.argv[2]:  # the seesaw schedule's events (session 2)
         names0 = ["top(S_A done)", "softmaxA+SCALE0", "PV_A_L done", "SCALE1 synced", "P0 stored", "P1 synced",
                   "S_A' 0-3 issued", "PV_B_L done", "S_A' 4-8 issued", "S_A' done"]
         names1 = ["top(S_B done)", "SCALE0 synced", "softmaxB+SCALE1", "PV_B_R issued", "P0 synced", "PV_B_R done",
                   "PV_A_R done", "S_B' issued", "S_B' done"]
+    if LIMPL == "v4":  # one stamp row per tile
+        names0 = names1 = ["top", "tile landed", "S done", "partial sent", "peer partial landed",
+                           "softmax done", "PV done"]
     for i in (4, 10, 20):
         t0 = a[0, i, 0]
         log(f"iteration {i}: period {a[0, i + 1, 0] - t0} clk")
