@@ -237,6 +237,15 @@ F16, BF16 = torch.float16, torch.bfloat16
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 _SHORT = {F16: "fp16", BF16: "bf16", E4M3: "e4m3", E5M2: "e5m2"}
 
+# GPU tests' tolerances against the float64 reference, by q / output dtype: elementwise atol/rtol,
+# max_rel on the relative Frobenius error, lse_atol on the natural-log lse; FP8 caches loosen
+# max_rel to FP8_MAX_REL (quantisation error of the cache on top of the output's rounding).
+TOL = {
+    F16: dict(atol=5e-3, rtol=5e-3, max_rel=2e-3, lse_atol=1e-3),
+    BF16: dict(atol=3e-2, rtol=3e-2, max_rel=1e-2, lse_atol=5e-3),
+}
+FP8_MAX_REL = {F16: 2e-3, BF16: 5e-3}
+
 
 class Kernel(NamedTuple):
     """What changes the generated decode code (mirrors xqa_jit.spec.DecodeSpec): one compile each."""

@@ -20,15 +20,12 @@ import torch
 import xqa_jit
 from helpers import (
     BF16, F16, GPU_MARKS, Kernel, check_xqa, edge_lens, kernel_ids, make_paged_kv, make_q,
+    TOL,
 )
 from xqa_jit.reference import xqa_reference
 
 pytestmark = GPU_MARKS
 
-TOL = {
-    F16: dict(atol=5e-3, rtol=5e-3, max_rel=2e-3, lse_atol=1e-3),
-    BF16: dict(atol=3e-2, rtol=3e-2, max_rel=1e-2, lse_atol=5e-3),
-}
 DEV = "cuda"
 
 # KV heads per GQA ratio: MHA with 8 heads ... MQA-like 64 query heads on one KV head.

@@ -20,16 +20,12 @@ import xqa_jit
 from helpers import (
     BF16, E4M3, E5M2, F16, GPU_MARKS, Kernel, causal_mask, check_xqa, kernel_ids, make_paged_kv, make_q,
     make_sink_keys, make_sinks_per_head, make_tree_mask, rand_uniform,
+    TOL, FP8_MAX_REL,
 )
 from xqa_jit.reference import xqa_reference
 
 pytestmark = GPU_MARKS
 
-TOL = {
-    F16: dict(atol=5e-3, rtol=5e-3, max_rel=2e-3, lse_atol=1e-3),
-    BF16: dict(atol=3e-2, rtol=3e-2, max_rel=1e-2, lse_atol=5e-3),
-}
-FP8_MAX_REL = {F16: 2e-3, BF16: 5e-3}
 DEV = "cuda"
 HKV = {1: 8, 2: 4, 4: 4, 8: 2, 16: 2}
 
