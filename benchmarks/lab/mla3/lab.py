@@ -172,13 +172,14 @@ elif mode == "trace":
         names1 = ["top(S_B done)", "SCALE0 synced", "softmaxB+SCALE1", "PV_B_R issued", "P0 synced", "PV_B_R done",
                   "PV_A_R done", "S_B' issued", "S_B' done"]
     if LIMPL == "v4":  # one stamp row per tile
-        names0 = names1 = ["top", "tile landed", "S done", "partial sent", "peer partial landed",
-                           "softmax done", "PV done"]
+        names0 = names1 = ["top", "peer partial landed", "S(t+1) issued", "P packed", "S(t+1) done",
+                           "S(t+1) sent", "PV done", "partial added+arrived", "rescaled", "tile t+1 landed",
+                           "pfree passed"]
     for i in (4, 10, 20):
         t0 = a[0, i, 0]
         log(f"iteration {i}: period {a[0, i + 1, 0] - t0} clk")
-        ev = sorted([(a[0, i, e] - t0, "WG0 " + n) for e, n in enumerate(names0)] +
-                    [(a[1, i, e] - t0, "    WG1 " + n) for e, n in enumerate(names1)])
+        ev = sorted([(a[0, i, e] - t0, "WG0 " + n) for e, n in enumerate(names0) if a[0, i, e]] +
+                    [(a[1, i, e] - t0, "    WG1 " + n) for e, n in enumerate(names1) if a[1, i, e]])
         for dt, n in ev:
             log(f"   {dt:7d}  {n}")
     try:  # per-block entry/exit stamps (sources older than session 3 lack them)
