@@ -28,6 +28,9 @@ __device__ __forceinline__ void tma3(uint32_t dst, const CUtensorMap* m, uint32_
   asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, { %2, %3, %4}], [%5];\n"
                ::"r"(dst), "l"(m), "r"(c0), "r"(c1), "r"(c2), "r"(bar) : "memory");
 }
+__device__ __forceinline__ void pf3(const CUtensorMap* m, int c0, int c1, int c2) {
+  asm volatile("cp.async.bulk.prefetch.tensor.3d.L2.global.tile [%0, { %1, %2, %3}];\n" ::"l"(m), "r"(c0), "r"(c1), "r"(c2) : "memory");
+}
 __device__ __forceinline__ void tma4(uint32_t dst, const CUtensorMap* m, uint32_t bar, int c0, int c1, int c2, int c3) {
   asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, { %2, %3, %4, %5}], [%6];\n"
                ::"r"(dst), "l"(m), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar) : "memory");
@@ -36,7 +39,10 @@ __device__ __forceinline__ void tma4(uint32_t dst, const CUtensorMap* m, uint32_
 // mode 0: all 9 dim blocks per tile (v3: each of a request's `per_req` blocks reads the whole tile)
 // mode 1: dim blocks 4 rank .. 4 rank + 3 and the rope block 8 (v4's pair)
 // big:    (mode 1) the four value blocks in one 4-D box (64 elems, 64 rows, 4 blocks) instead of 4
-struct Cfg { int nbuf, mode, per_req, big; };
+// hold:   clocks a landed tile is held before its buffer is re-issued (the consumers' S, softmax
+//         and P V); pf: prefetch the tile pf tiles past the one being loaded into L2 at each issue
+//         (0: none); pf_one: only the first block of a request prefetches
+struct Cfg { int nbuf, mode, per_req, big, hold, pf, pf_one; };
 
 __global__ void __launch_bounds__(128, 1) copy_kernel(const __grid_constant__ CUtensorMap m3, const __grid_constant__ CUtensorMap m4,
                                                       const int* table, Cfg cfg) {
@@ -62,10 +68,22 @@ __global__ void __launch_bounds__(128, 1) copy_kernel(const __grid_constant__ CU
       tma3(dst + 4 * DBB, &m3, bar, 8 * 64, 0, page);
     }
   };
+  auto prefetch = [&](int t) {
+    if (cfg.pf == 0 || t >= TILES || (cfg.pf_one && rank != 0)) return;
+    const int page = table[req * TILES + t];
+    if (cfg.mode == 0) for (int k = 0; k < 9; ++k) pf3(&m3, k * 64, 0, page);
+    else { for (int k = 0; k < 4; ++k) pf3(&m3, (4 * rank + k) * 64, 0, page); pf3(&m3, 8 * 64, 0, page); }
+  };
   for (int t = 0; t < cfg.nbuf && t < TILES; ++t) issue(t);
+  for (int t = 0; t < cfg.pf; ++t) prefetch(cfg.nbuf + t);
   for (int t = 0; t < TILES; ++t) {
     wait_bar(su32(&bars[t % cfg.nbuf]), (t / cfg.nbuf) & 1);
+    if (cfg.hold) {
+      const long long t0 = clock64();
+      while (clock64() - t0 < cfg.hold) {}
+    }
     if (t + cfg.nbuf < TILES) issue(t + cfg.nbuf);
+    prefetch(t + cfg.nbuf + cfg.pf);
   }
 }
 
@@ -118,15 +136,26 @@ int main() {
   printf("%-44s %9s %9s %9s %9s\n", "layout", "us", "L2->SM GB/s", "hot us", "hot GB/s");
   struct Row { const char* name; Cfg c; };
   const Row rows[] = {
-      {"v3: 2 blocks/req, 9 blocks/tile, 2 bufs", {2, 0, 2, 0}},
-      {"v3: 2 blocks/req, 9 blocks/tile, 3 bufs", {3, 0, 2, 0}},
-      {"one block/req, 9 blocks/tile, 2 bufs", {2, 0, 1, 0}},
-      {"one block/req, 9 blocks/tile, 3 bufs", {3, 0, 1, 0}},
-      {"v4: pair, 5 blocks/tile, 3 bufs", {3, 1, 2, 0}},
-      {"v4: pair, 5 blocks/tile, 5 bufs", {5, 1, 2, 0}},
-      {"v4: pair, 5 blocks/tile, 2 bufs", {2, 1, 2, 0}},
-      {"v4: pair, 4-D value box + rope, 3 bufs", {3, 1, 2, 1}},
-      {"v4: pair, 4-D value box + rope, 5 bufs", {5, 1, 2, 1}},
+      {"v3: 2 blocks/req, 9 blocks/tile, 2 bufs", {2, 0, 2, 0, 0, 0, 0}},
+      {"v3: 2 blocks/req, 9 blocks/tile, 3 bufs", {3, 0, 2, 0, 0, 0, 0}},
+      {"one block/req, 9 blocks/tile, 2 bufs", {2, 0, 1, 0, 0, 0, 0}},
+      {"one block/req, 9 blocks/tile, 3 bufs", {3, 0, 1, 0, 0, 0, 0}},
+      {"v4: pair, 5 blocks/tile, 3 bufs", {3, 1, 2, 0, 0, 0, 0}},
+      {"v4: pair, 5 blocks/tile, 5 bufs", {5, 1, 2, 0, 0, 0, 0}},
+      {"v4: pair, 5 blocks/tile, 2 bufs", {2, 1, 2, 0, 0, 0, 0}},
+      {"v4: pair, 4-D value box + rope, 3 bufs", {3, 1, 2, 1, 0, 0, 0}},
+      {"v4: pair, 4-D value box + rope, 5 bufs", {5, 1, 2, 1, 0, 0, 0}},
+      // v3's buffers held while the consumers work on them, with and without an L2 prefetch ahead
+      {"v3 2 bufs, hold 1500", {2, 0, 2, 0, 1500, 0, 0}},
+      {"v3 2 bufs, hold 3000", {2, 0, 2, 0, 3000, 0, 0}},
+      {"v3 2 bufs, hold 3000, L2 prefetch +1", {2, 0, 2, 0, 3000, 1, 0}},
+      {"v3 2 bufs, hold 3000, L2 prefetch +2", {2, 0, 2, 0, 3000, 2, 0}},
+      {"v3 2 bufs, hold 3000, L2 prefetch +2 (1 blk)", {2, 0, 2, 0, 3000, 2, 1}},
+      {"v3 2 bufs, hold 3000, L2 prefetch +4", {2, 0, 2, 0, 3000, 4, 0}},
+      {"v3 2 bufs, hold 3000, L2 prefetch +4 (1 blk)", {2, 0, 2, 0, 3000, 4, 1}},
+      {"v3 2 bufs, hold 2000, L2 prefetch +2", {2, 0, 2, 0, 2000, 2, 0}},
+      {"v3 2 bufs, hold 4000", {2, 0, 2, 0, 4000, 0, 0}},
+      {"v3 2 bufs, hold 4000, L2 prefetch +2", {2, 0, 2, 0, 4000, 2, 0}},
   };
   for (const Row& r : rows) {
     if (r.c.big && !have4) continue;
