@@ -42,15 +42,22 @@ __device__ __forceinline__ void tma4(uint32_t dst, const CUtensorMap* m, uint32_
 // hold:   clocks a landed tile is held before its buffer is re-issued (the consumers' S, softmax
 //         and P V); pf: prefetch the tile pf tiles past the one being loaded into L2 at each issue
 //         (0: none); pf_one: only the first block of a request prefetches
-struct Cfg { int nbuf, mode, per_req, big, hold, pf, pf_one; };
+//         pf_warp: the prefetches come from a second warp, off the copy thread's path
+__device__ unsigned long long g_clk[6];  // block 0: clock64 and globaltimer at entry and exit; clocks in issue(), in waits
+struct Cfg { int nbuf, mode, per_req, big, hold, pf, pf_one, pf_warp = 0; };
 
-__global__ void __launch_bounds__(128, 1) copy_kernel(const __grid_constant__ CUtensorMap m3, const __grid_constant__ CUtensorMap m4,
-                                                      const int* table, Cfg cfg) {
+__global__ void __launch_bounds__(64, 1) copy_kernel(const __grid_constant__ CUtensorMap m3, const __grid_constant__ CUtensorMap m4,
+                                                      const __grid_constant__ CUtensorMap m5, const int* table, Cfg cfg) {
   extern __shared__ __align__(1024) uint8_t sm[];
   uint8_t* base = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(sm) + 1023) & ~uintptr_t(1023));
   __shared__ __align__(8) uint64_t bars[8];
-  if (threadIdx.x != 0) return;
-  const int req = blockIdx.x / cfg.per_req, rank = blockIdx.x % cfg.per_req;
+  __shared__ volatile int landed;
+  __shared__ int pages[TILES];  // the request's page ids, read before the loop (as the kernels do early)
+  if (threadIdx.x == 0) landed = -1;
+  for (int t = threadIdx.x; t < TILES; t += blockDim.x) pages[t] = table[blockIdx.x / cfg.per_req * TILES + t];
+  __syncthreads();
+  if (threadIdx.x != 0 && !(cfg.pf_warp && threadIdx.x == 32)) return;
+  const int rank = blockIdx.x % cfg.per_req;
   const int nb = cfg.mode == 0 ? 9 : 5;
   const int tile_bytes = nb * DBB;
   for (int i = 0; i < cfg.nbuf; ++i) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(su32(&bars[i])));
@@ -58,9 +65,12 @@ __global__ void __launch_bounds__(128, 1) copy_kernel(const __grid_constant__ CU
   auto issue = [&](int t) {
     const int j = t % cfg.nbuf;
     const uint32_t bar = su32(&bars[j]), dst = su32(base + j * tile_bytes);
-    const int page = table[req * TILES + t];
+    const int page = pages[t];
     expect_tx(bar, tile_bytes);
-    if (cfg.mode == 0) {
+    if (cfg.mode == 0 && cfg.big) {  // v3's two refill groups, one 4-D box each: blocks 0-3 and 4-8
+      tma4(dst, &m4, bar, 0, 0, 0, page);
+      tma4(dst + 4 * DBB, &m5, bar, 0, 0, 4, page);
+    } else if (cfg.mode == 0) {
       for (int k = 0; k < 9; ++k) tma3(dst + k * DBB, &m3, bar, k * 64, 0, page);
     } else {
       if (cfg.big) tma4(dst, &m4, bar, 0, 0, 4 * rank, page);
@@ -70,20 +80,45 @@ __global__ void __launch_bounds__(128, 1) copy_kernel(const __grid_constant__ CU
   };
   auto prefetch = [&](int t) {
     if (cfg.pf == 0 || t >= TILES || (cfg.pf_one && rank != 0)) return;
-    const int page = table[req * TILES + t];
+    const int page = pages[t];
     if (cfg.mode == 0) for (int k = 0; k < 9; ++k) pf3(&m3, k * 64, 0, page);
     else { for (int k = 0; k < 4; ++k) pf3(&m3, (4 * rank + k) * 64, 0, page); pf3(&m3, 8 * 64, 0, page); }
   };
+  if (threadIdx.x == 32) {  // the prefetch warp: tile t + nbuf + pf once tile t has landed
+    for (int t = 0; t < cfg.pf; ++t) prefetch(cfg.nbuf + t);
+    for (int t = 0; t < TILES; ++t) {
+      while (landed < t) {}
+      prefetch(t + cfg.nbuf + cfg.pf);
+    }
+    return;
+  }
+  if (blockIdx.x == 0) {
+    g_clk[0] = clock64();
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(g_clk[1]));
+  }
   for (int t = 0; t < cfg.nbuf && t < TILES; ++t) issue(t);
-  for (int t = 0; t < cfg.pf; ++t) prefetch(cfg.nbuf + t);
+  if (!cfg.pf_warp)
+    for (int t = 0; t < cfg.pf; ++t) prefetch(cfg.nbuf + t);
+  long long issue_clk = 0, wait_clk = 0;
   for (int t = 0; t < TILES; ++t) {
+    const long long w0 = clock64();
     wait_bar(su32(&bars[t % cfg.nbuf]), (t / cfg.nbuf) & 1);
+    wait_clk += clock64() - w0;
     if (cfg.hold) {
       const long long t0 = clock64();
       while (clock64() - t0 < cfg.hold) {}
     }
+    landed = t;
+    const long long c0 = clock64();
     if (t + cfg.nbuf < TILES) issue(t + cfg.nbuf);
-    prefetch(t + cfg.nbuf + cfg.pf);
+    issue_clk += clock64() - c0;
+    if (!cfg.pf_warp) prefetch(t + cfg.nbuf + cfg.pf);
+  }
+  if (blockIdx.x == 0) {
+    g_clk[2] = clock64();
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(g_clk[3]));
+    g_clk[4] = issue_clk;
+    g_clk[5] = wait_clk;
   }
 }
 
@@ -120,12 +155,18 @@ int main() {
     }
   }
   bool have4 = true;
+  CUtensorMap m5;
   {  // (64 elems, 64 rows, 9 dim blocks, pages): box (64, 64, 4 or 8, 1) lands as [block][row][64]
     cuuint64_t dims[4] = {64, P, 9, (cuuint64_t)npages}, str[3] = {D * 2, 128, (cuuint64_t)P * D * 2};
     cuuint32_t box[4] = {64, 64, 4, 1}, es[4] = {1, 1, 1, 1};
     if (enc(&m4, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, kv, dims, str, box, es, CU_TENSOR_MAP_INTERLEAVE_NONE,
             CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS) {
       printf("encode 4d (non-monotonic strides) failed: no big-box rows\n"); have4 = false;
+    }
+    box[2] = 5;
+    if (enc(&m5, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, kv, dims, str, box, es, CU_TENSOR_MAP_INTERLEAVE_NONE,
+            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS) {
+      printf("encode 4d box 5 failed\n"); have4 = false;
     }
   }
   const int smem = 220 * 1024;
@@ -146,6 +187,9 @@ int main() {
       {"v4: pair, 4-D value box + rope, 3 bufs", {3, 1, 2, 1, 0, 0, 0}},
       {"v4: pair, 4-D value box + rope, 5 bufs", {5, 1, 2, 1, 0, 0, 0}},
       // v3's buffers held while the consumers work on them, with and without an L2 prefetch ahead
+      {"v3 layout, 2 4-D boxes/tile (0-3, 4-8), 2 bufs", {2, 0, 2, 1, 0, 0, 0}},
+      {"v3 layout, 2 4-D boxes/tile, hold 3000", {2, 0, 2, 1, 3000, 0, 0}},
+      {"v3 layout, 2 4-D boxes/tile, hold 2000", {2, 0, 2, 1, 2000, 0, 0}},
       {"v3 2 bufs, hold 1500", {2, 0, 2, 0, 1500, 0, 0}},
       {"v3 2 bufs, hold 3000", {2, 0, 2, 0, 3000, 0, 0}},
       {"v3 2 bufs, hold 3000, L2 prefetch +1", {2, 0, 2, 0, 3000, 1, 0}},
@@ -154,6 +198,14 @@ int main() {
       {"v3 2 bufs, hold 3000, L2 prefetch +4", {2, 0, 2, 0, 3000, 4, 0}},
       {"v3 2 bufs, hold 3000, L2 prefetch +4 (1 blk)", {2, 0, 2, 0, 3000, 4, 1}},
       {"v3 2 bufs, hold 2000, L2 prefetch +2", {2, 0, 2, 0, 2000, 2, 0}},
+      {"hold 3000, prefetch +1 from another warp", {2, 0, 2, 0, 3000, 1, 0, 1}},
+      {"hold 3000, prefetch +2 from another warp", {2, 0, 2, 0, 3000, 2, 0, 1}},
+      {"hold 3000, prefetch +2 another warp, 1 blk", {2, 0, 2, 0, 3000, 2, 1, 1}},
+      {"hold 3000, prefetch +4 from another warp", {2, 0, 2, 0, 3000, 4, 0, 1}},
+      {"hold 2000", {2, 0, 2, 0, 2000, 0, 0}},
+      {"hold 2000, prefetch +2 from another warp", {2, 0, 2, 0, 2000, 2, 0, 1}},
+      {"hold 2500", {2, 0, 2, 0, 2500, 0, 0}},
+      {"hold 2500, prefetch +2 from another warp", {2, 0, 2, 0, 2500, 2, 0, 1}},
       {"v3 2 bufs, hold 4000", {2, 0, 2, 0, 4000, 0, 0}},
       {"v3 2 bufs, hold 4000, L2 prefetch +2", {2, 0, 2, 0, 4000, 2, 0}},
   };
@@ -167,7 +219,7 @@ int main() {
       std::vector<float> ts;
       for (int it = 0; it < 23; ++it) {
         CK(cudaEventRecord(e0));
-        copy_kernel<<<B * r.c.per_req, 128, smem>>>(m3, m4, tb, r.c);
+        copy_kernel<<<B * r.c.per_req, 64, smem>>>(m3, m4, m5, tb, r.c);
         CK(cudaEventRecord(e1));
         CK(cudaEventSynchronize(e1));
         float ms;
@@ -179,7 +231,11 @@ int main() {
       res[h] = ts[ts.size() / 2];
     }
     const double bytes = double(B) * r.c.per_req * TILES * nb * DBB;
-    printf("%-44s %9.1f %9.0f %9.1f %9.0f\n", r.name, res[0], bytes / res[0] / 1e3, res[1], bytes / res[1] / 1e3);
+    unsigned long long ck[6];
+    CK(cudaMemcpyFromSymbol(ck, g_clk, sizeof(ck)));
+    printf("%-44s %9.1f %9.0f %9.1f %9.0f   (SM %.2f GHz; hot, block 0, per tile: issue %4.0f clk, wait %4.0f clk)\n", r.name, res[0],
+           bytes / res[0] / 1e3, res[1], bytes / res[1] / 1e3, double(ck[2] - ck[0]) / double(ck[3] - ck[1]),
+           double(ck[4]) / TILES, double(ck[5]) / TILES);
   }
   return 0;
 }
