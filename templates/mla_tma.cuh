@@ -5,7 +5,12 @@
 // ---------------------------------------------------------------- TMA and mbarriers
 struct KParams {
   Params p;
-  CUtensorMap tmap;  // the cache as (576 dims, P rows, N pages), box 64 x min(P, 64) x 1
+  CUtensorMap tmap;   // the cache as (576 dims, P rows, N pages), box 64 x min(P, 64) x 1
+  // The cache as (64 dims, P rows, 9 dim blocks, N pages), box 64 x min(P, 64) x 4 (tmap4) or 5
+  // (tmap5) blocks x 1: a refill group of whole 64-row tiles in one copy instead of one per dim
+  // block (the copy engine takes ~60 clk of the issuing warp per instruction: benchmarks/NOTES.md
+  // v12). It lands as [blocks][rows][128 B], the tile buffer's layout.
+  CUtensorMap tmap4, tmap5;
 };
 
 __device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
@@ -40,6 +45,25 @@ __device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, u
         "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes"
         " [%0], [%1, { %2, %3, %4}], [%5];\n" ::"r"(dst),
         "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+        : "memory");
+  }
+}
+
+__device__ __forceinline__ void tma_load4(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0,
+                                          int c1, int c2, int c3) {
+  if constexpr (L2_EVICT_FIRST) {
+    uint64_t pol;
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(pol));
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
+        " [%0], [%1, { %2, %3, %4, %5}], [%6], %7;\n" ::"r"(dst),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar), "l"(pol)
+        : "memory");
+  } else {
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes"
+        " [%0], [%1, { %2, %3, %4, %5}], [%6];\n" ::"r"(dst),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
         : "memory");
   }
 }
