@@ -9,7 +9,9 @@
     timeout 100 python benchmarks/lab/mla3/lab.py trace [SRC.cu]  # clock64 stamps of one block's steps,
         per-block entry/exit times (SM clock, waves, prologue); SRC.cu: a rendered source to trace instead
     python benchmarks/lab/mla3/lab.py prof                # three launches for ncu
-(`timeout`: a barrier-protocol bug hangs the kernel rather than failing.) Correctness proper is
+(`timeout`: a barrier-protocol bug hangs the kernel rather than failing.) The copy engine alone, without
+the kernels (layouts, buffer counts, box shapes, a held buffer, L2 prefetch): tma_bw.cu beside this file
+(its first lines say how to build and run it; NOTES v11, v12). Correctness proper is
 tests/test_mla_gpu.py (test_latent_impls forces each kernel, NaN-poisoned cache tails).
 """
 import math, os, sys
