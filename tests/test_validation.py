@@ -120,29 +120,27 @@ def env(request, monkeypatch):
 # Fragments may be callables of env (for device names).
 
 
-def X(**kw):
-    """A case on xqa built from Env.call(**kw) and then edited by `edit(env, args, kwargs)`."""
+def _case(fn, call, kw):
+    """A case on fn built from Env.<call>(**kw) and then edited by `edit(env, args, kwargs)`."""
     edit = kw.pop("edit", None)
 
     def build(e):
-        args, kwargs = e.call(**kw)
+        args, kwargs = getattr(e, call)(**kw)
         if edit is not None:
             edit(e, args, kwargs)
-        return xqa_jit.xqa, args, kwargs
+        return fn, args, kwargs
 
     return build
+
+
+def X(**kw):
+    """A case on xqa (Env.call)."""
+    return _case(xqa_jit.xqa, "call", kw)
 
 
 def XM(**kw):
-    edit = kw.pop("edit", None)
-
-    def build(e):
-        args, kwargs = e.mla_call(**kw)
-        if edit is not None:
-            edit(e, args, kwargs)
-        return xqa_jit.xqa_mla, args, kwargs
-
-    return build
+    """A case on xqa_mla (Env.mla_call)."""
+    return _case(xqa_jit.xqa_mla, "mla_call", kw)
 
 
 def setarg(i, make):

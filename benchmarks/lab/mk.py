@@ -16,6 +16,23 @@ def make(B, Hq, Hkv, D, P, lens, dtype=torch.bfloat16, kvdtype=None, layout="NHD
     return q, k, v, perm, sl
 
 
+def make_mla(B, hq, lens, P, qdt, kvdt=None, seed=0, q_std=0.7, extra_pages=5):
+    """Latent-MLA inputs (q, kv (N, P, 576), page table, seq_lens) on the device: each request's pages
+    a random permutation of the pool, table entries past a request's pages out-of-pool garbage."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    npages = [-(-l // P) for l in lens]
+    M = max(1, max(npages))
+    N = sum(npages) + extra_pages
+    perm = torch.randperm(N, generator=g)
+    table = torch.randint(10**6, 2 * 10**6, (B, M), generator=g, dtype=torch.int32)
+    k = 0
+    for b, n in enumerate(npages):
+        table[b, :n] = perm[k:k + n]; k += n
+    kv = torch.randn((N, P, 576), generator=g).to(kvdt or qdt)
+    q = (torch.randn((B, hq, 576), generator=g) * q_std).to(qdt)
+    return q.to(dev), kv.to(dev), table.to(dev), torch.tensor(lens, dtype=torch.int32, device=dev)
+
+
 def gtime(fn, sets, reps=10, calls=12):
     """Median microseconds per call of fn(*s) over `calls` calls (inputs rotated through `sets`)
     captured in one CUDA graph, replayed `reps` times."""

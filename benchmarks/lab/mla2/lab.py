@@ -12,7 +12,7 @@ import xqa_jit
 from xqa_jit import mla_latent
 from xqa_jit.reference import mla_reference
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from mk import gtime as _gtime
+from mk import gtime as _gtime, make_mla
 def gtime(fn, sets, reps=10, calls=6): return _gtime(fn, sets, reps, calls)
 
 DEV = "cuda"
@@ -22,19 +22,7 @@ def log(s):
     print(s, flush=True); out_lines.append(s)
 
 def make(B, hq, lens, P, qdt, kvdt, seed=0, q_std=0.7):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    npages = [-(-l // P) for l in lens]
-    M = max(1, max(npages))
-    N = sum(npages) + 5
-    perm = torch.randperm(N, generator=g)
-    table = torch.randint(10**6, 2 * 10**6, (B, M), generator=g, dtype=torch.int32)  # garbage past the end
-    k = 0
-    for b, n in enumerate(npages):
-        table[b, :n] = perm[k:k + n]; k += n
-    kv = torch.randn((N, P, 576), generator=g)
-    kv = kv.to(kvdt)
-    q = (torch.randn((B, hq, 576), generator=g) * q_std).to(qdt)
-    return q.to(DEV), kv.to(DEV), table.to(DEV), torch.tensor(lens, dtype=torch.int32, device=DEV)
+    return make_mla(B, hq, lens, P, qdt, kvdt, seed, q_std)
 
 def check(hq, lens, P, qdt, kvdt, kv_scale=None, seed=0, tag=""):
     q, kv, table, seq = make(len(lens), hq, lens, P, qdt, kvdt, seed)

@@ -20,7 +20,7 @@ import xqa_jit
 from xqa_jit import mla_latent
 from xqa_jit.reference import mla_reference
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from mk import gtime as _gtime
+from mk import gtime as _gtime, make_mla
 def gtime(fn, sets, reps=15, calls=4): return _gtime(fn, sets, reps, calls)
 
 DEV = "cuda"
@@ -30,17 +30,7 @@ def log(s):
     print(s, flush=True); lines.append(s)
 
 def make(B, hq, lens, P, dt, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    npg = [-(-l // P) for l in lens]
-    M, N = max(1, max(npg)), sum(npg) + 3
-    perm = torch.randperm(N, generator=g)
-    table = torch.randint(10**6, 2 * 10**6, (B, M), generator=g, dtype=torch.int32)
-    k = 0
-    for b, n in enumerate(npg):
-        table[b, :n] = perm[k:k + n]; k += n
-    kv = torch.randn((N, P, 576), generator=g).to(dt)
-    q = (torch.randn((B, hq, 576), generator=g) * 0.7).to(dt)
-    return q.to(DEV), kv.to(DEV), table.to(DEV), torch.tensor(lens, dtype=torch.int32, device=DEV)
+    return make_mla(B, hq, lens, P, dt, dt, seed, extra_pages=3)
 
 def check(hq, lens, P, dt, tag=""):
     q, kv, t, s = make(len(lens), hq, lens, P, dt)
