@@ -11,6 +11,11 @@ struct KParams {
   // block (the copy engine takes ~60 clk of the issuing warp per instruction: benchmarks/NOTES.md
   // v12). It lands as [blocks][rows][128 B], the tile buffer's layout.
   CUtensorMap tmap4, tmap5;
+  // v3 only: q as (64 dims, heads, 9 dim blocks, batch), box 64 x 64 x 9 x 1: a unit's q rows land
+  // as [blocks][rows][128 B] in one copy. persist != 0: a persistent launch (one chunk per request;
+  // block j runs units j, j + gridDim.x, ...).
+  CUtensorMap tmapq;
+  int persist;
 };
 
 __device__ __forceinline__ void mbar_init(uint32_t bar, int count) {

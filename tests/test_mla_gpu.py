@@ -156,6 +156,41 @@ def test_latent_impls(gen, k, impl):
         xqa_jit.mla_latent.set_impl(None)
 
 
+@pytest.mark.parametrize("k", IMPL_CASES, ids=kernel_ids)
+def test_latent_persistent(gen, k):
+    """v3's persistent launch (one chunk per request, more (request, head group) units than SMs: each
+    block runs several units, loading the next unit's q and first tiles under the current one's last
+    tiles): empty requests between non-empty ones, one-tile units followed by longer ones, odd and
+    even tile counts, pages smaller than, equal to and larger than a tile, NaN past every request's
+    end, a NaN-poisoned out."""
+    xqa_jit.mla_latent.set_impl("v3")
+    try:
+        sms = torch.cuda.get_device_properties(DEV).multi_processor_count
+        per_req = k.heads // 64
+        batch = (2 * sms + 37) // per_req + 1  # > 2 units per SM
+        pool = [0, 1, 63, 64, 65, 127, 128, 129, 192, 257, 700]
+        for P in (64, 8, 128):
+            pick = torch.randint(0, len(pool) + 1, (batch,), generator=gen).tolist()
+            lens = [pool[i] if i < len(pool) else int(torch.randint(1, 1500, (1,), generator=gen))
+                    for i in pick]
+            lens[:4] = [0, 0, 1, 64]  # leading empty units; the block's first unit a one-token one
+            q, kv, table, seq = latent_case(k, gen, P, lens, False)
+            out = torch.full((batch, k.heads, 512), float("nan"), dtype=k.q, device=DEV)
+            res, lse = xqa_jit.xqa_mla(q, poison_tails(kv, table, seq, P), table, seq, out=out,
+                                       sm_scale=DEEPSEEK_SM_SCALE, return_lse=True)
+            splits = {v[0] for key, v in xqa_jit.mla_latent._PLANS.items() if key[2] == batch * per_req}
+            assert splits == {1}, f"expected a one-chunk (persistent) launch, plan splits {splits}"
+            ref, ref_lse = mla_reference(q, kv, table, seq, sm_scale=DEEPSEEK_SM_SCALE, return_lse=True)
+            t = tol(k)
+            msg = f"{k.name} persistent P={P} batch={batch}"
+            assert res.data_ptr() == out.data_ptr()
+            assert_attn_close(out, ref, atol=t["atol"], rtol=t["rtol"], max_rel=t["max_rel"], msg=msg)
+            assert_lse_close(lse, ref_lse, atol=t["lse_atol"], msg=msg)
+            assert not out[0].any() and torch.isneginf(lse[0]).all(), msg
+    finally:
+        xqa_jit.mla_latent.set_impl(None)
+
+
 @pytest.mark.parametrize("k", SEED, ids=kernel_ids)
 def test_seed_form(gen, k):
     hkv = 128 // k.d  # (2, 4) for D=128, (1, 8) for D=64

@@ -128,7 +128,7 @@ elif mode == "variants":
         log(f"{vn:10s} {t:7.1f} us {flops / t / 1e6:5.0f} TFLOP/s | L2-hot {th:7.1f} us {flops / th / 1e6:5.0f} TFLOP/s")
     mla_latent.set_impl(None)
 elif mode == "trace":
-    # clock64 stamps of the schedule's steps (TRACE(n) in the template) for block (0, 0, 5)
+    # clock64 stamps of the schedule's steps (TRACE(n) in the template) for request 5's head group 0
     import ctypes, subprocess
     from pathlib import Path
     from xqa_jit import build
@@ -177,16 +177,18 @@ elif mode == "trace":
     try:  # per-block entry/exit stamps (sources older than session 3 lack them)
         cb = (ctypes.c_ulonglong * (512 * 6))()
         assert mod.lib.xqa_trace_cta(cb) == 0
-        c = np.array(cb, dtype=np.float64).reshape(512, 6)[:256]
+        c = np.array(cb, dtype=np.float64).reshape(512, 6)
+        c = c[c[:, 3] > 0]  # blocks that ran (a persistent grid has one per SM)
         ghz = (c[:, 4] - c[:, 2]) / (c[:, 3] - c[:, 1])
         t0 = c[:, 1].min()
         st, en = (c[:, 1] - t0) / 1e3, (c[:, 3] - t0) / 1e3
         pro = (c[:, 5] - c[:, 2]) / ghz / 1e3
         w1 = st < 2.0
+        w2 = (f"wave 2 starts {st[~w1].min():.1f}..{st[~w1].max():.1f} us, lasts "
+              f"{np.median(en[~w1] - st[~w1]):.1f} us" if (~w1).any() else "no second wave (persistent grid)")
         log(f"SM clock {np.median(ghz):.3f} GHz (min {ghz.min():.3f}); kernel span {en.max():.1f} us; "
             f"wave 1: {int(w1.sum())} blocks, {np.median(en[w1] - st[w1]):.1f} us each (max {np.max(en[w1] - st[w1]):.1f}); "
-            f"wave 2 starts {st[~w1].min():.1f}..{st[~w1].max():.1f} us, lasts {np.median(en[~w1] - st[~w1]):.1f} us; "
-            f"entry -> step 0: {np.median(pro):.2f} us")
+            f"{w2}; entry -> step 0: {np.median(pro):.2f} us")
         gaps = []
         for sm in np.unique(c[:, 0]):
             idx = np.where(c[:, 0] == sm)[0]
