@@ -21,11 +21,13 @@ an error row and the run goes on; the exit code is 0 unless no configuration was
 from __future__ import annotations
 
 import argparse
+import atexit
 import gc
 import json
 import math
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -494,6 +496,72 @@ def replicate(inputs: dict, touched: int, l2: int, opts) -> tuple[list[dict], st
     return [inputs] + clones, f"rotate×{k}"
 
 
+class GpuMonitor:
+    """SM clock and board power sampled every 50 ms by ``nvidia-smi`` in the background, so each timing
+    says which power state it ran in. An H100 at its 700 W limit lowers the SM clock: deepseek-mla runs
+    ~280 µs for its first ~20 ms and ~307 µs after (NOTES.md v13), so a rate measured in a short burst
+    (the matmul ceiling) and a time measured over 150 ms are not comparable without it. No nvidia-smi:
+    the stats are empty and nothing else changes."""
+
+    def __init__(self, device: int = 0):
+        self.proc, self.path = None, None
+        exe = shutil.which("nvidia-smi")
+        if exe is None:
+            return
+        # power.draw is a one-second average on recent drivers: too slow for a 150 ms window
+        power = "power.draw"
+        try:
+            if subprocess.run([exe, "-i", str(device), "--query-gpu=power.draw.instant", "--format=csv"],
+                              capture_output=True, timeout=20).returncode == 0:
+                power = "power.draw.instant"
+            fd, self.path = tempfile.mkstemp(prefix="xqa_smi_", suffix=".csv")
+            os.close(fd)
+            self.proc = subprocess.Popen(
+                [exe, "-i", str(device), f"--query-gpu=timestamp,clocks.sm,{power},power.limit,"
+                 "clocks_event_reasons.active", "--format=csv,noheader,nounits", "-lms", "50"],
+                stdout=open(self.path, "w"), stderr=subprocess.DEVNULL)
+        except (OSError, subprocess.SubprocessError):
+            self.proc = None
+
+    def stats(self, t0: float, t1: float) -> dict:
+        """Median SM clock (MHz) and power (W) of the samples in [t0, t1] (time.time()), and the share of
+        them with the software power cap (clock event reason 0x4) active."""
+        if self.proc is None or t1 - t0 < 0.1:
+            return {}
+        time.sleep(0.06)  # the sample that closes the window
+        clk, pw, cap = [], [], 0
+        for line in Path(self.path).read_text().splitlines():
+            parts = [x.strip() for x in line.split(",")]
+            try:
+                ts = time.mktime(time.strptime(parts[0][:19], "%Y/%m/%d %H:%M:%S")) + float("0" + parts[0][19:])
+                if not t0 <= ts <= t1:
+                    continue
+                clk.append(float(parts[1]))
+                pw.append(float(parts[2]))
+                cap += bool(int(parts[4], 16) & 0x4)
+            except (ValueError, IndexError):
+                continue
+        if not clk:
+            return {}
+        return {"clock_mhz": statistics.median(clk), "power_w": statistics.median(pw),
+                "power_capped": cap / len(clk)}
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait()
+            self.proc = None
+        if self.path is not None and os.path.exists(self.path):
+            os.unlink(self.path)
+
+
+MONITOR: GpuMonitor | None = None
+
+
+def window_stats(t0: float, t1: float) -> dict:
+    return MONITOR.stats(t0, t1) if MONITOR is not None else {}
+
+
 _FLUSH = None
 
 
@@ -525,6 +593,7 @@ def time_op(fn, sets: list[dict], mode: str, opts) -> dict:
     est_ms = max(s.elapsed_time(e) / (2 * k), 1e-4)
     reps = int(min(opts.max_reps, max(opts.min_reps, opts.target_ms / est_ms)))
     ev = [(_event(), _event()) for _ in range(reps)]
+    w0 = time.time()
     for i, (a, b) in enumerate(ev):
         if flush is not None:
             flush.zero_()
@@ -533,7 +602,8 @@ def time_op(fn, sets: list[dict], mode: str, opts) -> dict:
         b.record()
     torch.cuda.synchronize()
     times = [a.elapsed_time(b) * 1e3 for a, b in ev]
-    res = {"eager_us": statistics.median(times), "eager_min_us": min(times), "reps": reps, "l2": mode}
+    res = {"eager_us": statistics.median(times), "eager_min_us": min(times), "reps": reps, "l2": mode,
+           "eager_power": window_stats(w0, time.time())}
     if not opts.graph:
         return res
     g = None
@@ -553,6 +623,7 @@ def time_op(fn, sets: list[dict], mode: str, opts) -> dict:
         torch.cuda.synchronize()
         greps = int(min(opts.max_reps, max(opts.min_reps // 2, opts.target_ms / (est_ms * n))))
         ev = [(_event(), _event()) for _ in range(greps)]
+        w0 = time.time()
         for a, b in ev:
             if flush is not None:
                 flush.zero_()
@@ -560,7 +631,8 @@ def time_op(fn, sets: list[dict], mode: str, opts) -> dict:
             g.replay()
             b.record()
         torch.cuda.synchronize()
-        res.update(graph_us=statistics.median(a.elapsed_time(b) * 1e3 for a, b in ev) / n, graph_calls=n)
+        res.update(graph_us=statistics.median(a.elapsed_time(b) * 1e3 for a, b in ev) / n, graph_calls=n,
+                   graph_power=window_stats(w0, time.time()))
     except Exception as ex:  # noqa: BLE001
         res["graph_error"] = short(ex)
         cuda_alive()
@@ -622,10 +694,29 @@ def measure_bandwidth(nbytes: int, reps: int) -> dict:
     return {"methods": rates, "read_bw": best[0], "method": best[1], "bytes": nbytes}
 
 
-def measure_matmul(reps: int) -> float:
+def measure_matmul(target_ms: float, min_reps: int) -> dict:
+    """bf16 8192³ matmul rate (FLOP/s): the median over a window as long as one timing of a
+    configuration (time_op's target_ms), so that it runs in the same power state as the kernels it is
+    compared with; the rate of its first 10 calls (before the power cap lowers the clock) is kept as
+    "burst" for reference."""
     a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     c = torch.empty_like(a)
-    return 2 * 8192 ** 3 / median_ms(lambda: torch.matmul(a, b, out=c), reps) * 1e3
+    fn = lambda: torch.matmul(a, b, out=c)  # noqa: E731
+    est = median_ms(fn, 3)
+    reps = max(min_reps, int(target_ms / max(est, 1e-3)))
+    for _ in range(3):
+        fn()
+    ev = [(_event(), _event()) for _ in range(reps)]
+    w0 = time.time()
+    for x, y in ev:
+        x.record()
+        fn()
+        y.record()
+    torch.cuda.synchronize()
+    ms = [x.elapsed_time(y) for x, y in ev]
+    flop = 2 * 8192 ** 3
+    return {"flops": flop / statistics.median(ms) * 1e3, "burst_flops": flop / statistics.median(ms[:10]) * 1e3,
+            "reps": reps, "power": window_stats(w0, time.time())}
 
 
 _CHILD = r"""
@@ -785,6 +876,14 @@ def fmt(x, spec: str) -> str:
     return "—" if x is None else format(x, spec)
 
 
+def power_text(p: dict | None) -> str:
+    """", SM 1710 MHz 693 W capped 95%" for a window's GpuMonitor stats ("" without them)."""
+    if not p:
+        return ""
+    return (f", SM {p['clock_mhz']:.0f} MHz {p['power_w']:.0f} W"
+            + (f" power-capped {100 * p['power_capped']:.0f}%" if p["power_capped"] else ""))
+
+
 def print_row(row: dict) -> None:
     name = row["name"]
     if "ours" not in row:
@@ -792,8 +891,9 @@ def print_row(row: dict) -> None:
     else:
         o = row["ours"]
         g = f"graph {fmt_us(o.get('graph_us'))}" if "graph_us" in o else f"graph n/a ({o.get('graph_error', 'off')})"
+        pw = o.get("graph_power" if row["time_src"] == "graph" else "eager_power") or {}
         print(f"[{name}] ours {fmt_us(row['time_us'])} µs (eager {fmt_us(o['eager_us'])}, {g}; {o['l2']}, "
-              f"{o['reps']} reps) | floor {fmt_us(row['floor_us'])} µs for {row['bytes'] / MB:.1f} MB"
+              f"{o['reps']} reps{power_text(pw)}) | floor {fmt_us(row['floor_us'])} µs for {row['bytes'] / MB:.1f} MB"
               + (f", ceiling {fmt_us(row['ceiling_us'])} µs" if "flops" in row else "")
               + f" | {fmt(row['gbps'], '.0f')} GB/s, frac {fmt(row['frac'], '.3f')}"
               + ("" if row.get("err") is None else f" | err {row['err']:.2e}"
@@ -845,8 +945,14 @@ def markdown_table(rows: list[dict]) -> str:
     if subset:
         notes.append("*: error on a subset of the batch (first 3 requests and the longest)")
     if any(r["cfg"]["mla"] for r in rows):
-        notes.append("MLA rows: frac is against the ceiling max(bytes floor, FLOPs floor); "
+        notes.append("MLA rows: frac is against the ceiling max(bytes floor, FLOPs floor), the FLOPs floor "
+                     "from a bf16 matmul timed over the same ~150 ms window as each row; "
                      "×SDPA is against a plain torch matmul implementation")
+    capped = [f"{r['name']} ({power_text(pw)[2:]})" for r in rows if "ours" in r
+              for pw in [r["ours"].get("graph_power" if r["time_src"] == "graph" else "eager_power")]
+              if pw and pw["power_capped"] > 0.5]
+    if capped:
+        notes.append("at the board's power limit while timed (SM clock lowered): " + "; ".join(capped))
     return "\n".join(lines + [""] + [f"- {n}" for n in notes + foot])
 
 
@@ -965,6 +1071,9 @@ def main(argv=None) -> int:
         return 1
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
+    global MONITOR
+    MONITOR = GpuMonitor(torch.cuda.current_device())
+    atexit.register(MONITOR.close)
     t_start = time.perf_counter()
     env = env_info()
     results = {"env": env, "options": {k: v for k, v in vars(opts).items()}, "configs": [], "sweeps": {}}
@@ -981,8 +1090,11 @@ def main(argv=None) -> int:
         print(f"  bandwidth measurement failed: {short(e)}")
     if any(c.mla for c in cfgs):
         try:
-            env["matmul_flops"] = measure_matmul(10 if opts.quick else 30)
-            print(f"  bf16 matmul 8192³: {env['matmul_flops'] / 1e12:.0f} TFLOPS")
+            mm = env["matmul"] = measure_matmul(opts.target_ms, 10 if opts.quick else 30)
+            env["matmul_flops"] = mm["flops"]
+            print(f"  bf16 matmul 8192³: {mm['flops'] / 1e12:.0f} TFLOPS (median of {mm['reps']} calls over "
+                  f"~{opts.target_ms:.0f} ms{power_text(mm['power'])}; first 10 calls: "
+                  f"{mm['burst_flops'] / 1e12:.0f} TFLOPS)")
         except Exception as e:  # noqa: BLE001
             print(f"  matmul measurement failed: {short(e)}")
         torch.cuda.empty_cache()
@@ -1078,6 +1190,24 @@ def selftest() -> int:
     assert abs(statistics.fmean(L) - 4096) < 4096 * 0.005, statistics.fmean(L)
     print(f"zipf: min {min(L)} median {statistics.median(L)} mean {statistics.fmean(L):.1f} max {max(L)}; "
           f"sorted {sorted(L)}")
+
+    # the power monitor's window statistics, on a file nvidia-smi would have written
+    mon = GpuMonitor.__new__(GpuMonitor)
+    fd, mon.path = tempfile.mkstemp(suffix=".csv")
+    os.close(fd)
+    mon.proc = object()  # "running": stats() reads the file
+    base = time.mktime(time.strptime("2026/11/24 06:30:00", "%Y/%m/%d %H:%M:%S"))
+    Path(mon.path).write_text("2026/11/24 06:30:00.100, 1980, 420.5, 700.00, 0x0000000000000000\n"
+                              "2026/11/24 06:30:00.150, 1700, 695.0, 700.00, 0x0000000000000004\n"
+                              "2026/11/24 06:30:00.200, 1650, 699.0, 700.00, 0x0000000000000004\n"
+                              "garbage line\n2026/11/24 06:30:05.000, 345, 70.0, 700.00, 0x0000000000000001\n")
+    st = mon.stats(base + 0.1, base + 0.25)
+    assert st == {"clock_mhz": 1700, "power_w": 695.0, "power_capped": 2 / 3}, st
+    assert power_text(st) == ", SM 1700 MHz 695 W power-capped 67%", power_text(st)
+    assert mon.stats(base + 1, base + 2) == {} and power_text({}) == ""
+    mon.proc = None
+    mon.close()
+    assert not os.path.exists(mon.path)
 
     bw, mm = 3.0e12, 7.0e14
     print(f"\nfloors at {bw / 1e12:.1f} TB/s (MLA FLOPs at {mm / 1e12:.0f} TFLOPS):\n")
