@@ -516,8 +516,10 @@ class GpuMonitor:
                 power = "power.draw.instant"
             fd, self.path = tempfile.mkstemp(prefix="xqa_smi_", suffix=".csv")
             os.close(fd)
+            # line-buffered (stdbuf), else its samples reach the file seconds late
+            pre = [shutil.which("stdbuf"), "-oL"] if shutil.which("stdbuf") else []
             self.proc = subprocess.Popen(
-                [exe, "-i", str(device), f"--query-gpu=timestamp,clocks.sm,{power},power.limit,"
+                pre + [exe, "-i", str(device), f"--query-gpu=timestamp,clocks.sm,{power},power.limit,"
                  "clocks_event_reasons.active", "--format=csv,noheader,nounits", "-lms", "50"],
                 stdout=open(self.path, "w"), stderr=subprocess.DEVNULL)
         except (OSError, subprocess.SubprocessError):
@@ -528,12 +530,23 @@ class GpuMonitor:
         them with the software power cap (clock event reason 0x4) active."""
         if self.proc is None or t1 - t0 < 0.1:
             return {}
-        time.sleep(0.06)  # the sample that closes the window
         clk, pw, cap = [], [], 0
-        for line in Path(self.path).read_text().splitlines():
-            parts = [x.strip() for x in line.split(",")]
+        for _ in range(20):  # until a sample past the window has been written (at most ~1 s)
+            rows = []  # newest first, back to the window's start
+            for line in reversed(Path(self.path).read_text().splitlines()):
+                parts = [x.strip() for x in line.split(",")]
+                try:
+                    ts = time.mktime(time.strptime(parts[0][:19], "%Y/%m/%d %H:%M:%S")) + float("0" + parts[0][19:])
+                except (ValueError, IndexError):
+                    continue
+                rows.append((ts, parts))
+                if ts < t0:
+                    break
+            if rows and rows[0][0] >= t1 or not isinstance(self.proc, subprocess.Popen):
+                break
+            time.sleep(0.05)
+        for ts, parts in rows:
             try:
-                ts = time.mktime(time.strptime(parts[0][:19], "%Y/%m/%d %H:%M:%S")) + float("0" + parts[0][19:])
                 if not t0 <= ts <= t1:
                     continue
                 clk.append(float(parts[1]))
@@ -576,13 +589,39 @@ def _event():
     return torch.cuda.Event(enable_timing=True)
 
 
-def time_op(fn, sets: list[dict], mode: str, opts) -> dict:
+def heat(call, seconds: float) -> None:
+    """Run call(i) back to back, untimed, for `seconds` (synchronising every 16 calls)."""
+    end = time.perf_counter() + seconds
+    i = 0
+    while time.perf_counter() < end:
+        for _ in range(16):
+            call(i)
+            i += 1
+        torch.cuda.synchronize()
+
+
+def time_op(fn, sets: list[dict], mode: str, opts, steady_s: float = 0.0) -> dict:
     """Median µs per call, eager (an event pair around each call, calls rotating over `sets`) and as
-    CUDA-graph replays (a graph of n calls over the copies; median replay time / n)."""
+    CUDA-graph replays (a graph of n calls over the copies; median replay time / n).
+    steady_s > 0: after 1 s idle, the median of the first 10 calls is kept as "burst_us"; then the op
+    runs untimed for steady_s seconds, so that the timed windows see the steady power state (a kernel
+    at the board's power limit runs at a lower clock after the first ~20-100 ms; NOTES.md v13)."""
     flush = flush_buffer() if mode == "flush" else None
     k = len(sets)
     for i in range(max(opts.warmup, k)):
         fn(sets[i % k])
+    burst = None
+    if steady_s > 0:
+        torch.cuda.synchronize()
+        time.sleep(1.0)
+        ev = [(_event(), _event()) for _ in range(10)]
+        for i, (a, b) in enumerate(ev):
+            a.record()
+            fn(sets[i % k])
+            b.record()
+        torch.cuda.synchronize()
+        burst = statistics.median(a.elapsed_time(b) * 1e3 for a, b in ev)
+        heat(lambda i: fn(sets[i % k]), steady_s)
     s, e = _event(), _event()
     torch.cuda.synchronize()
     s.record()
@@ -604,6 +643,8 @@ def time_op(fn, sets: list[dict], mode: str, opts) -> dict:
     times = [a.elapsed_time(b) * 1e3 for a, b in ev]
     res = {"eager_us": statistics.median(times), "eager_min_us": min(times), "reps": reps, "l2": mode,
            "eager_power": window_stats(w0, time.time())}
+    if burst is not None:
+        res["burst_us"] = burst
     if not opts.graph:
         return res
     g = None
@@ -694,18 +735,22 @@ def measure_bandwidth(nbytes: int, reps: int) -> dict:
     return {"methods": rates, "read_bw": best[0], "method": best[1], "bytes": nbytes}
 
 
-def measure_matmul(target_ms: float, min_reps: int) -> dict:
-    """bf16 8192³ matmul rate (FLOP/s): the median over a window as long as one timing of a
-    configuration (time_op's target_ms), so that it runs in the same power state as the kernels it is
-    compared with; the rate of its first 10 calls (before the power cap lowers the clock) is kept as
-    "burst" for reference."""
+def measure_matmul(target_ms: float, min_reps: int, steady_s: float = 0.0) -> dict:
+    """bf16 8192³ matmul rate (FLOP/s), timed like a configuration (time_op): a window of target_ms
+    after steady_s seconds of untimed calls, so that it runs in the same power state as the kernels it
+    is compared with; the rate of 10 calls after 1 s idle (before the power cap lowers the clock) is
+    kept as "burst" for reference."""
     a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     c = torch.empty_like(a)
     fn = lambda: torch.matmul(a, b, out=c)  # noqa: E731
     est = median_ms(fn, 3)
     reps = max(min_reps, int(target_ms / max(est, 1e-3)))
-    for _ in range(3):
-        fn()
+    burst = None
+    if steady_s > 0:  # the same protocol as time_op's: burst after 1 s idle, then heat
+        torch.cuda.synchronize()
+        time.sleep(1.0)
+        burst = median_ms(fn, 10, warmup=0)
+        heat(lambda i: fn(), steady_s)
     ev = [(_event(), _event()) for _ in range(reps)]
     w0 = time.time()
     for x, y in ev:
@@ -715,7 +760,8 @@ def measure_matmul(target_ms: float, min_reps: int) -> dict:
     torch.cuda.synchronize()
     ms = [x.elapsed_time(y) for x, y in ev]
     flop = 2 * 8192 ** 3
-    return {"flops": flop / statistics.median(ms) * 1e3, "burst_flops": flop / statistics.median(ms[:10]) * 1e3,
+    return {"flops": flop / statistics.median(ms) * 1e3,
+            "burst_flops": flop / (burst if burst is not None else statistics.median(ms[:10])) * 1e3,
             "reps": reps, "power": window_stats(w0, time.time())}
 
 
@@ -800,8 +846,10 @@ def cuda_alive() -> bool:
         return False
 
 
-def run_config(cfg: Cfg, env: dict, opts, check: bool = True) -> dict:
-    """Measure one configuration; ours' failure is recorded in the row and the peers still run."""
+def run_config(cfg: Cfg, env: dict, opts, check: bool = True, steady: bool = True) -> dict:
+    """Measure one configuration; ours' failure is recorded in the row and the peers still run.
+    steady: time in the steady power state (opts.steady_s of untimed calls first; not for sweeps)."""
+    steady_s = opts.steady_s if steady else 0.0
     lengths = cfg.lengths()
     row = {"name": cfg.name, "cfg": asdict(cfg), "peers": {}, "notes": [],
            "lengths": {"min": min(lengths), "mean": statistics.fmean(lengths), "max": max(lengths)}}
@@ -825,7 +873,7 @@ def run_config(cfg: Cfg, env: dict, opts, check: bool = True) -> dict:
             row["err_subset"] = None if len(idx) == len(lengths) else idx
         touched = row["bytes"] + sum(data[n].numel() * data[n].element_size() for n in ("q", "out"))
         sets, mode = replicate(data, touched, l2, opts)
-        row["ours"] = time_op(fn, sets, mode, opts)
+        row["ours"] = time_op(fn, sets, mode, opts, steady_s)
         del sets
     except Exception as e:  # noqa: BLE001
         row["error"], row["traceback"] = short(e), traceback.format_exc()
@@ -849,7 +897,7 @@ def run_config(cfg: Cfg, env: dict, opts, check: bool = True) -> dict:
                     res["err"] = rel_err(unfold(out)[idx], ref)
                 del out
                 sets, mode = replicate(inputs, tensor_bytes(inputs), l2, opts)
-                res.update(time_op(fn, sets, mode, opts))
+                res.update(time_op(fn, sets, mode, opts, steady_s))
                 del sets
             except Exception as e:  # noqa: BLE001
                 res["error"] = short(e)
@@ -892,7 +940,8 @@ def print_row(row: dict) -> None:
         o = row["ours"]
         g = f"graph {fmt_us(o.get('graph_us'))}" if "graph_us" in o else f"graph n/a ({o.get('graph_error', 'off')})"
         pw = o.get("graph_power" if row["time_src"] == "graph" else "eager_power") or {}
-        print(f"[{name}] ours {fmt_us(row['time_us'])} µs (eager {fmt_us(o['eager_us'])}, {g}; {o['l2']}, "
+        b = f", burst {fmt_us(o['burst_us'])}" if "burst_us" in o else ""
+        print(f"[{name}] ours {fmt_us(row['time_us'])} µs (eager {fmt_us(o['eager_us'])}, {g}{b}; {o['l2']}, "
               f"{o['reps']} reps{power_text(pw)}) | floor {fmt_us(row['floor_us'])} µs for {row['bytes'] / MB:.1f} MB"
               + (f", ceiling {fmt_us(row['ceiling_us'])} µs" if "flops" in row else "")
               + f" | {fmt(row['gbps'], '.0f')} GB/s, frac {fmt(row['frac'], '.3f')}"
@@ -1039,11 +1088,15 @@ def parse_args(argv=None):
     ap.add_argument("--l2", choices=("auto", "rotate", "flush"), default="auto",
                     help="keep inputs out of L2 by rotating copies (auto: when they fit) or by flushing")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steady", dest="steady_s", type=float, default=1.0,
+                    help="seconds of untimed calls before each timing (ours, peers, the matmul), so that "
+                         "all are timed in the steady power state; 0: time from a cool start (default 1)")
     ap.add_argument("--selftest", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     a.graph, a.warmup = True, 5
     if a.quick:
         a.flex = a.plots = False
+        a.steady_s = min(a.steady_s, 0.2)
         a.min_reps, a.max_reps, a.target_ms = 20, 200, 30.0
     else:
         a.min_reps, a.max_reps, a.target_ms = 50, 2000, 150.0
@@ -1090,10 +1143,10 @@ def main(argv=None) -> int:
         print(f"  bandwidth measurement failed: {short(e)}")
     if any(c.mla for c in cfgs):
         try:
-            mm = env["matmul"] = measure_matmul(opts.target_ms, 10 if opts.quick else 30)
+            mm = env["matmul"] = measure_matmul(opts.target_ms, 10 if opts.quick else 30, opts.steady_s)
             env["matmul_flops"] = mm["flops"]
             print(f"  bf16 matmul 8192³: {mm['flops'] / 1e12:.0f} TFLOPS (median of {mm['reps']} calls over "
-                  f"~{opts.target_ms:.0f} ms{power_text(mm['power'])}; first 10 calls: "
+                  f"~{opts.target_ms:.0f} ms after {opts.steady_s:g} s of calls{power_text(mm['power'])}; burst: "
                   f"{mm['burst_flops'] / 1e12:.0f} TFLOPS)")
         except Exception as e:  # noqa: BLE001
             print(f"  matmul measurement failed: {short(e)}")
@@ -1130,7 +1183,7 @@ def main(argv=None) -> int:
             t0, srows = time.perf_counter(), []
             for c in scfgs:
                 try:
-                    r = run_config(c, env, opts, check=False)
+                    r = run_config(c, env, opts, check=False, steady=False)
                 except Exception as e:  # noqa: BLE001
                     r = {"name": c.name, "error": short(e), "peers": {}}
                 r["x"] = c.batch if key == "batch" else c.kv_len
