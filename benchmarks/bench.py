@@ -508,12 +508,10 @@ class GpuMonitor:
         exe = shutil.which("nvidia-smi")
         if exe is None:
             return
-        # power.draw is a one-second average on recent drivers: too slow for a 150 ms window
+        # power.draw: on recent drivers a one-second average, which after time_op's --steady second of
+        # the same op is that op's power (power.draw.instant read 126 W in a capped window on the H100)
         power = "power.draw"
         try:
-            if subprocess.run([exe, "-i", str(device), "--query-gpu=power.draw.instant", "--format=csv"],
-                              capture_output=True, timeout=20).returncode == 0:
-                power = "power.draw.instant"
             fd, self.path = tempfile.mkstemp(prefix="xqa_smi_", suffix=".csv")
             os.close(fd)
             # line-buffered (stdbuf), else its samples reach the file seconds late
