@@ -104,6 +104,12 @@ def test_latent_out_and_default_scale(gen, k):
     ref = mla_reference(q, kv, table, seq)
     t = tol(k)
     assert_attn_close(out, ref, atol=t["atol"], rtol=t["rtol"], max_rel=t["max_rel"], msg="default sm_scale")
+    # a broadcast q (every head the same row: head stride 0) gives the same rows as its copy
+    qb = q[:, :1].expand(q.shape)
+    assert qb.stride(1) == 0
+    outb = xqa_jit.xqa_mla(qb, kv, table, seq)
+    refb = mla_reference(qb.contiguous(), kv, table, seq)
+    assert_attn_close(outb, refb, atol=t["atol"], rtol=t["rtol"], max_rel=t["max_rel"], msg="broadcast q")
 
 
 def poison_tails(kv, table, lens, P):

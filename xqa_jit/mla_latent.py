@@ -199,6 +199,11 @@ def mla_latent(q, kv_cache, page_table, seq_lens, page_size=None, num_kv_heads=N
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(QK_DIM)
     ksf, ksp, _ = _scale_arg("kv_scale", kv_scale, 1, device)
+    if min(q_sb, q_sh) <= 0:
+        # a broadcast q (stride 0, e.g. from expand()): the v3 kernel copies q by a tensor map, whose
+        # strides must be positive; a contiguous copy is cheap beside the attention itself
+        q = q.contiguous()
+        q_sb, q_sh, _ = q.stride()
     _check_aligned("q", q, (q_sb, q_sh), 2)
     _check_aligned("kv_cache", kv_cache, (kv_sp, kv_ss), kv_cache.element_size())
     # ---------------------------------------------------------------- outputs
