@@ -8,9 +8,10 @@ right after a barrier, so they race to build the same spec. Checks:
   - the gathered output (heads concatenated in rank order) is bitwise equal to rank 0 replaying every
     rank's shard call on its own GPU (same kernel, same split plan, deterministic merge), and equal
     to a single call over the whole layer on one GPU: bitwise when xqa picks the same split-KV plan
-    for the whole layer as for a shard, else within 2 bf16 ulps (with half the heads there are half
-    as many work units, so xqa may split each sequence into more chunks, and the partial sums are
-    then merged in a different order); and it matches xqa_reference with the bf16 tolerances of
+    for the whole layer as for a shard, else within PLAN_BF16 (with half the heads there are half
+    as many work units, so xqa may split each sequence into more chunks: each chunk rounds its
+    probabilities to bf16 against its own max, and the partial sums are merged in another order);
+    and it matches xqa_reference with the bf16 tolerances of
     tests/test_decode_gpu.py (atol=rtol=3e-2, norm 1e-2);
   - the kernel was not in the cache before the call on either rank, nvcc ran exactly once across
     both ranks, the cache root then holds exactly one entry (dot-dirs aside: locks, tmp, ...), and
@@ -52,7 +53,11 @@ needs_2_gpus = pytest.mark.skipif(NGPUS < 2, reason="needs 2 GPUs (nvidia-h200-x
 
 JOIN_TIMEOUT_S = 300
 BF16_TOL = {"atol": 3e-2, "rtol": 3e-2, "max_rel": 1e-2}  # as tests/test_decode_gpu.py
-ULP2_BF16 = {"atol": 1e-4, "rtol": 2 * 2.0 ** -7}  # two bf16 ulps: another merge order, same math
+# Two split-KV plans of the same layer: each chunk's probabilities are rounded to bf16 against that
+# chunk's own running max before P.V, so the plans differ by P's rounding (2^-9 relative per weight),
+# not only by the fp32 merge order. Seen on 2 x H200: 20 of 32768 elements beyond two bf16 ulps,
+# largest difference 3.7e-4. Bound: 2e-3 elementwise (+ 2^-6 relative), 1e-3 on the norm.
+PLAN_BF16 = {"atol": 2e-3, "rtol": 2.0 ** -6, "max_rel": 1e-3}
 
 
 # ----------------------------------------------------------------------------------- launcher
@@ -199,10 +204,9 @@ def check_tp_job(res: dict, *, dry_run: bool = False) -> None:
         assert torch.equal(tp, full), (
             f"same split plan {plan_full} for the whole layer and a shard, yet the outputs differ: "
             f"max |diff| {(tp.float() - full.float()).abs().max().item():.3e}")
-    else:  # a different split-KV plan merges partial sums in another order
-        torch.testing.assert_close(tp.float(), full.float(), **ULP2_BF16,
-                                   msg=lambda m: f"TP vs one-GPU whole layer (split plans "
-                                                 f"{plan_shard} vs {plan_full}): {m}")
+    else:  # a different split-KV plan: other chunk maxima for P's bf16 rounding, another merge order
+        assert_attn_close(tp, full.float(), **PLAN_BF16,
+                          msg=f"TP vs one-GPU whole layer (split plans {plan_shard} vs {plan_full})")
     assert_attn_close(tp, ref, **BF16_TOL, msg="tensor-parallel vs xqa_reference")
     assert_attn_close(full, ref, **BF16_TOL, msg="one-GPU whole layer vs xqa_reference")
 
@@ -253,7 +257,13 @@ def test_call_on_other_device_uses_its_current_stream(gen):
         host = torch.empty(q.shape, dtype=q.dtype, pin_memory=True)
         with torch.cuda.stream(s1):
             torch.cuda.set_device(0)
-            xqa_jit.xqa(*args, out=dst)  # warm-up on s1: same call signature, workspace for s1
+            # warm-up on s1 of everything step 2 runs there: xqa (same call signature, workspace for
+            # s1), the fill and the copy. A kernel's first launch in a process loads its module, and
+            # lazy loading waits for the whole device: a first fill_ inside the timed part waited for
+            # the sleep kernels (seen on 2 x H200).
+            dst.fill_(float("nan"))
+            xqa_jit.xqa(*args, out=dst)
+            host.copy_(dst, non_blocking=True)
         s1.synchronize()
         assert torch.cuda.current_device() == 0
         mem0 = torch.cuda.memory_allocated(0)
