@@ -993,7 +993,7 @@ def markdown_table(rows: list[dict]) -> str:
         notes.append("*: error on a subset of the batch (first 3 requests and the longest)")
     if any(r["cfg"]["mla"] for r in rows):
         notes.append("MLA rows: frac is against the ceiling max(bytes floor, FLOPs floor), the FLOPs floor "
-                     "from a bf16 matmul timed over the same ~150 ms window as each row; "
+                     "from a bf16 matmul timed like each row (same window, same power state); "
                      "×SDPA is against a plain torch matmul implementation")
     capped = [f"{r['name']} ({power_text(pw)[2:]})" for r in rows if "ours" in r
               for pw in [r["ours"].get("graph_power" if r["time_src"] == "graph" else "eager_power")]
