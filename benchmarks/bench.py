@@ -587,15 +587,20 @@ def _event():
     return torch.cuda.Event(enable_timing=True)
 
 
-def heat(call, seconds: float) -> None:
-    """Run call(i) back to back, untimed, for `seconds` (synchronising every 16 calls)."""
-    end = time.perf_counter() + seconds
+def burst_then_heat(call, steady_s: float) -> float:
+    """The steady-state protocol (NOTES.md "Power state"): after 1 s idle, the median ms of 10 calls
+    of call(i) (the burst), then call(i) back to back, untimed, for steady_s seconds."""
+    torch.cuda.synchronize()
+    time.sleep(1.0)
+    burst = median_ms(lambda: call(0), 10, warmup=0)
+    end = time.perf_counter() + steady_s
     i = 0
     while time.perf_counter() < end:
         for _ in range(16):
             call(i)
             i += 1
         torch.cuda.synchronize()
+    return burst
 
 
 def time_op(fn, sets: list[dict], mode: str, opts, steady_s: float = 0.0) -> dict:
@@ -608,18 +613,7 @@ def time_op(fn, sets: list[dict], mode: str, opts, steady_s: float = 0.0) -> dic
     k = len(sets)
     for i in range(max(opts.warmup, k)):
         fn(sets[i % k])
-    burst = None
-    if steady_s > 0:
-        torch.cuda.synchronize()
-        time.sleep(1.0)
-        ev = [(_event(), _event()) for _ in range(10)]
-        for i, (a, b) in enumerate(ev):
-            a.record()
-            fn(sets[i % k])
-            b.record()
-        torch.cuda.synchronize()
-        burst = statistics.median(a.elapsed_time(b) * 1e3 for a, b in ev)
-        heat(lambda i: fn(sets[i % k]), steady_s)
+    burst = burst_then_heat(lambda i: fn(sets[i % k]), steady_s) * 1e3 if steady_s > 0 else None
     s, e = _event(), _event()
     torch.cuda.synchronize()
     s.record()
@@ -743,12 +737,7 @@ def measure_matmul(target_ms: float, min_reps: int, steady_s: float = 0.0) -> di
     fn = lambda: torch.matmul(a, b, out=c)  # noqa: E731
     est = median_ms(fn, 3)
     reps = max(min_reps, int(target_ms / max(est, 1e-3)))
-    burst = None
-    if steady_s > 0:  # the same protocol as time_op's: burst after 1 s idle, then heat
-        torch.cuda.synchronize()
-        time.sleep(1.0)
-        burst = median_ms(fn, 10, warmup=0)
-        heat(lambda i: fn(), steady_s)
+    burst = burst_then_heat(lambda i: fn(), steady_s) if steady_s > 0 else None
     ev = [(_event(), _event()) for _ in range(reps)]
     w0 = time.time()
     for x, y in ev:
