@@ -63,7 +63,7 @@ __device__ __forceinline__ void tma_load4(uint32_t dst, const CUtensorMap* map, 
 }
 
 // Lane j's share of a tile (lane j < pages per tile covers rows j*RB .. +RB): the page-table entry
-// is loaded early (page_load, at the top of a step) and checked where the copy is issued
+// is loaded early (page_load: v3 a step ahead, v4 at the top of a step) and checked where the copy is issued
 // (page_coord): a check right after the load would stall the warp for the load's latency in the
 // middle of the softmax. Rows at or past `valid_end`, and ids outside the pool, become num_pages
 // (a coordinate past the map: zero fill). Entries past the request's last token are never read.

@@ -90,7 +90,8 @@ elif mode == "variants":
     if LIMPL == "v4":
         VARIANTS["nomma"].pop("wgmma_pv_ss(o, desc_add")
         VARIANTS["noxch"] = {"EXCHANGE = true": "EXCHANGE = false"}
-    VARIANTS.update(EXTRA_VARIANTS if "EXTRA_VARIANTS" in globals() else {})
+    # LAB_EXTRA='{"name": {"text": "replacement", ...}, ...}': more edited-render variants
+    VARIANTS.update(__import__("json").loads(os.environ.get("LAB_EXTRA", "{}")))
     root = Path("/tmp/lab3"); root.mkdir(exist_ok=True)
     # whole-source variants: every *.cu under $LAB_SRC (e.g. an earlier schedule, rendered elsewhere)
     srcs = {f.stem: f.read_text() for f in sorted(Path(os.environ["LAB_SRC"]).glob("*.cu"))} \
@@ -154,8 +155,10 @@ elif mode == "trace":
     assert mod.lib.xqa_trace(buf) == 0
     import numpy as np
     a = np.array(buf, dtype=np.int64).reshape(2, 64, 12)
+    # (a stamp right after a bar.sync can read the clock before the barrier: ptxas may hoist the read, seen
+    # in session 7 as a "synced" stamp before the other warpgroup's arrive; stamps after waits are sound)
     names0 = ["top(S_A done)", "softmaxA+P_A+SCALE0", "PV_A_L done", "SCALE1 synced", "PV_B_L done",
-              "S_A' landed+issued", "S_A' done"]
+              "S_A' landed+issued", "S_A' done", "softmaxA math done", "P_A stored+fenced"]
     names1 = ["top(S_B done)", "SCALE0 synced", "softmaxB+P_B+SCALE1", "PV_A_R done", "PV_B_R done",
               "S_B' landed+issued", "S_B' done"]
     if len(sys.argv) > 2 and "seesaw" in sys.argv[2]:  # the seesaw schedule's events (session 2)
