@@ -265,7 +265,7 @@ def _parse_name(name: str) -> "DecodeSpec | MlaSpec":
         if toks[0] == "mla":
             qk, v = toks[4][1:].split("v")
             extra = set(toks[5:])
-            impls = {"v2", "v3", "v4"}
+            impls = set(MLA_IMPLS) - {"v1"}  # v1 has no suffix
             if extra - {"debug"} - impls:
                 raise KeyError(sorted(extra - {"debug"} - impls)[0])
             return MlaSpec(q_dtype=toks[1][1:], kv_dtype=toks[2][2:], num_heads=int(toks[3][1:]),
