@@ -61,6 +61,11 @@ o8 = xqa_jit.xqa_mla(q_(2, 64, 576, fp), kv8, pt8l, torch.tensor([1180, 77], dty
 ptp = torch.randint(0, 40, (300, 5), generator=g).int().to(dev); ptp[7, 2:] = 10**6
 slp = torch.randint(0, 321, (300,), generator=g).int(); slp[:3] = torch.tensor([0, 1, 64]); slp[7] = 300
 o10 = xqa_jit.xqa_mla(q_(300, 128, 576, bf), kvl, ptp, slp.to(dev))
+# v3 with 16 / 32 heads (one head group padded to 64 rows): persistent and split launches
+xqa_jit.mla_latent.set_impl("v3")
+o11 = xqa_jit.xqa_mla(q_(300, 16, 576, bf), kvl, ptp, slp.to(dev))
+o12 = xqa_jit.xqa_mla(q_(3, 32, 576, bf), kvl, ptl_bad, torch.tensor([700, 1, 64], dtype=torch.int32, device=dev),
+                      return_lse=True)[0]
 # the experimental pair kernel (v4: a cluster of two blocks per request, st.async exchange)
 xqa_jit.mla_latent.set_impl("v4")
 o9 = xqa_jit.xqa_mla(q_(3, 128, 576, bf), kvl, ptl_bad, torch.tensor([700, 1, 64], dtype=torch.int32, device=dev))
@@ -68,6 +73,6 @@ xqa_jit.mla_latent.set_impl(None)
 kvs = torch.randn(20, 16, 2, 256, generator=g).to(dev).to(fp)
 o6 = xqa_jit.xqa_mla(q_(2, 8, 128, fp), kvs, ptt, slt)
 torch.cuda.synchronize()
-for i, t in enumerate((o, o2, o3, o4, o5, o6, o7, o8, o9, o10)):
+for i, t in enumerate((o, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12)):
     assert torch.isfinite(t.float()).all(), f"output {i} not finite"
 print("sanitize_run: all launches completed")

@@ -16,7 +16,7 @@ ALL = [MlaSpec(q_dtype=q, kv_dtype=kv, num_heads=h, impl="v2")
        for q, kv in (("fp16", "fp16"), ("bf16", "bf16"), ("fp16", "e4m3"), ("bf16", "e4m3"))
        for h in (16, 32, 64, 128)]
 ALL_V3 = [MlaSpec(q_dtype=q, kv_dtype=q, num_heads=h, impl="v3")
-          for q in ("fp16", "bf16") for h in (64, 128)]
+          for q in ("fp16", "bf16") for h in (16, 32, 64, 128)]
 ALL_V4 = [MlaSpec(q_dtype=q, kv_dtype=q, num_heads=128, impl="v4") for q in ("fp16", "bf16")]
 
 
@@ -44,7 +44,7 @@ def test_v3_spec():
     assert MlaSpec.parse(v3.name) == v3 and MlaSpec.parse(MlaSpec(impl="v2").name).impl == "v2"
     src = render(v3)
     assert "cp.async.bulk.tensor.3d" in src and "mbarrier.try_wait.parity" in src
-    for bad in (dict(kv_dtype="e4m3"), dict(num_heads=16), dict(num_heads=32)):
+    for bad in (dict(kv_dtype="e4m3"), dict(num_heads=48)):
         with pytest.raises(SpecError):
             MlaSpec(impl="v3", **bad)
 
@@ -65,7 +65,9 @@ def test_auto_choice():
     assert mla_impl_for(128, "bf16", "9.0a", 4) == "v2"   # TMA boxes need 8+ rows
     assert mla_impl_for(128, "e4m3", "9.0a", 64) == "v2"
     assert mla_impl_for(16, "e4m3", "9.0a", 64) == "v2"
-    assert mla_impl_for(16, "bf16", "9.0a", 64) == "v1"
+    assert mla_impl_for(16, "bf16", "9.0a", 64) == "v3"   # one head group padded to 64 rows
+    assert mla_impl_for(32, "fp16", "9.0a", 8) == "v3"
+    assert mla_impl_for(16, "bf16", "9.0a", 4) == "v1"
     assert mla_impl_for(128, "bf16", "9.0", 64) == "v1"   # no wgmma without sm_90a
     assert mla_impl_for(128, "bf16", "8.0", 64) == "v1"
 
