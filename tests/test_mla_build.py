@@ -61,7 +61,8 @@ class _FakeMod:
 
 
 @pytest.mark.parametrize("units, span", [(1, 1), (2, 4096), (2, 16000), (2, 64), (16, 3000),
-                                         (64, 4096), (200, 8192), (1, 2**20)])
+                                         (64, 4096), (200, 8192), (1, 2**20), (32, 8192), (64, 32768),
+                                         (4, 32768), (100, 4096)])
 def test_split_plan(monkeypatch, units, span):
     monkeypatch.setattr(mla_latent, "_sm_count", lambda dev: 132)
     monkeypatch.setattr(mla_latent, "_occupancy", lambda mod, dev: 1)
@@ -75,3 +76,13 @@ def test_split_plan(monkeypatch, units, span):
         assert splits == 1
     if splits > 1:
         assert chunk >= mla_latent.MIN_CHUNK
+    if splits > 1 and span <= 2 * mla_latent.MAX_CHUNK:
+        # no fewer splits would give the busiest SM fewer tiles (waves x tiles per block): e.g.
+        # 32 units of 8192 tokens take 4 splits (one wave of 64 tiles), not 5 (two waves of 52)
+        def busiest(s):
+            return -(-units * s // 132) * -(-span // (32 * s))
+        assert all(busiest(s) >= busiest(splits) for s in range(1, splits)), (splits, chunk)
+    if (units, span) == (32, 8192):
+        assert splits == 4
+    if span > 2 * mla_latent.MAX_CHUNK and units < 0.8 * 132:
+        assert chunk <= mla_latent.MAX_CHUNK or splits == 64

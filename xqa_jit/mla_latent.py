@@ -44,9 +44,14 @@ _PARAMS = struct.Struct("<25q2d")
 # block of a request merges all of its splits alone, so the merge costs about as much as
 # MERGE_TOKENS tokens of attention per split: with W tokens per request the best split count is
 # near sqrt(W / MERGE_TOKENS), and more splits than that only help when the GPU would otherwise sit
-# idle. Splits never go below MIN_CHUNK tokens. Both knobs are first guesses to tune on the GPU.
+# idle. Splits never go below MIN_CHUNK tokens. Within that bound the split count is the one whose
+# waves x tiles per block (the time of the SM that runs the most tiles, all requests span-long) is
+# least, the fewest splits on a tie; a span over 2 MAX_CHUNK tokens is cut into chunks of at most
+# MAX_CHUNK, so that one long request among short ones is spread over several SMs (the plan sees
+# shapes only: the page table's capacity, not seq_lens).
 MIN_CHUNK = int(os.environ.get("XQA_JIT_MLA_MIN_CHUNK", "128"))
 MERGE_TOKENS = int(os.environ.get("XQA_JIT_MLA_MERGE_TOKENS", "32"))
+MAX_CHUNK = int(os.environ.get("XQA_JIT_MLA_MAX_CHUNK", "4096"))
 
 _SPECS: dict = {}
 _PLANS: dict = {}
@@ -58,8 +63,8 @@ _IMPL: list = [None]  # set_impl() override; None: $XQA_JIT_MLA_IMPL, default au
 
 def set_impl(impl: str | None) -> None:
     """Select the latent kernel for later calls: "auto" (spec.mla_impl_for: on sm_90a v3 for a
-    16-bit cache with 64+ heads and pages of 8+ tokens, v2 for other 64+-head or FP8 cases, else
-    v1), "v3" (templates/mla3.cu.jinja, wgmma + TMA), "v1" (templates/mla.cu.jinja, mma.sync), "v2"
+    16-bit cache with pages of 8+ tokens (any head count), v2 for other 64+-head or FP8 cases,
+    else v1), "v3" (templates/mla3.cu.jinja, wgmma + TMA), "v1" (templates/mla.cu.jinja, mma.sync), "v2"
     (templates/mla2.cu.jinja, wgmma, sm_90a), "v4" (templates/mla4.cu.jinja, experimental: 128
     heads, 16-bit cache, a two-block cluster per request, no split-KV; slower than v3 so far), or
     None to follow $XQA_JIT_MLA_IMPL (default auto)."""
@@ -94,7 +99,15 @@ def _split_plan(mod, dev: int, units: int, span: int):
         fill = -(-target // units)                                 # splits to fill one wave
         merge = max(1, math.isqrt(span // max(MERGE_TOKENS, 1)))   # splits the merge can afford
         shortest = max(1, span // max(MIN_CHUNK, 1))               # splits of at least MIN_CHUNK
-        splits = max(1, min(fill, merge, shortest, max_splits))
+        upper = max(1, min(fill, merge, shortest, max_splits))
+        tiles = -(-span // tile)
+
+        def makespan(s):  # waves x tiles of one block (e.g. 32 units: 4 splits = 1 wave of 32
+            return -(-units * s // target) * -(-tiles // s)  # tiles, not 5 = 2 waves of 26)
+
+        splits = min(range(1, upper + 1), key=lambda s: (makespan(s), s))
+        if span > 2 * MAX_CHUNK:
+            splits = max(splits, min(-(-span // MAX_CHUNK), max_splits, shortest))
     chunk = -(-span // splits)
     chunk = -(-chunk // tile) * tile
     splits = -(-span // chunk)
