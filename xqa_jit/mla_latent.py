@@ -51,7 +51,7 @@ _PARAMS = struct.Struct("<25q2d")
 # shapes only: the page table's capacity, not seq_lens).
 MIN_CHUNK = int(os.environ.get("XQA_JIT_MLA_MIN_CHUNK", "128"))
 MERGE_TOKENS = int(os.environ.get("XQA_JIT_MLA_MERGE_TOKENS", "32"))
-MAX_CHUNK = int(os.environ.get("XQA_JIT_MLA_MAX_CHUNK", "4096"))
+MAX_CHUNK = int(os.environ.get("XQA_JIT_MLA_MAX_CHUNK", "2048"))
 
 _SPECS: dict = {}
 _PLANS: dict = {}
