@@ -153,7 +153,8 @@ def test_deepseek_v3_mla():
     assert specs_for_model(DEEPSEEK_V3, kv_dtypes=("auto", "fp8"), spec_len=4) == [
         MlaSpec(num_heads=128, impl="v3"), MlaSpec(num_heads=128, impl="v2"),
         MlaSpec(num_heads=128, kv_dtype="e4m3", impl="v2")]
-    assert specs_for_model(DEEPSEEK_V3, tp=8) == [MlaSpec(num_heads=16, impl="v3"), MlaSpec(num_heads=16)]
+    assert specs_for_model(DEEPSEEK_V3, tp=8) == [MlaSpec(num_heads=16, impl="v3"),
+                                                  MlaSpec(num_heads=16)]  # v1 for pages under 8
     assert specs_for_model(DEEPSEEK_V3, tp=8, kv_dtypes=("fp8",)) == [
         MlaSpec(num_heads=16, kv_dtype="e4m3")]
     assert specs_for_model(DEEPSEEK_V3, arch="8.0") == [MlaSpec(num_heads=128)]  # no wgmma

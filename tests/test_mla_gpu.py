@@ -138,7 +138,8 @@ IMPL_CASES = [MlaKernel(BF16, BF16, 128), MlaKernel(F16, F16, 64)]
 V3_NARROW = [MlaKernel(BF16, BF16, 16), MlaKernel(F16, F16, 32)]
 # v1 (mma.sync) is what other GPUs run and what sm_90a runs for pages under 8 tokens: forced here on
 # the pages auto now sends to v3
-IMPL_PARAMS = [(i, k) for i in ("v2", "v3") for k in IMPL_CASES] + [(i, k) for i in ("v3", "v1") for k in V3_NARROW] + \
+IMPL_PARAMS = [(i, k) for i in ("v2", "v3") for k in IMPL_CASES] + \
+    [(i, k) for i in ("v3", "v1") for k in V3_NARROW] + \
     [("v2", MlaKernel(BF16, E4M3, 16))] + \
     [("v4", MlaKernel(BF16, BF16, 128)), ("v4", MlaKernel(F16, F16, 128))]
 

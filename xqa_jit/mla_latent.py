@@ -64,10 +64,11 @@ _IMPL: list = [None]  # set_impl() override; None: $XQA_JIT_MLA_IMPL, default au
 def set_impl(impl: str | None) -> None:
     """Select the latent kernel for later calls: "auto" (spec.mla_impl_for: on sm_90a v3 for a
     16-bit cache with pages of 8+ tokens (any head count), v2 for other 64+-head cases and an
-    FP8 cache with 32+ heads, else v1), "v3" (templates/mla3.cu.jinja, wgmma + TMA), "v1" (templates/mla.cu.jinja, mma.sync), "v2"
-    (templates/mla2.cu.jinja, wgmma, sm_90a), "v4" (templates/mla4.cu.jinja, experimental: 128
-    heads, 16-bit cache, a two-block cluster per request, no split-KV; slower than v3 so far), or
-    None to follow $XQA_JIT_MLA_IMPL (default auto)."""
+    FP8 cache with 32+ heads, else v1), "v3" (templates/mla3.cu.jinja, wgmma + TMA), "v1"
+    (templates/mla.cu.jinja, mma.sync), "v2" (templates/mla2.cu.jinja, wgmma, sm_90a), "v4"
+    (templates/mla4.cu.jinja, experimental: 128 heads, 16-bit cache, a two-block cluster per
+    request, no split-KV; slower than v3 so far), or None to follow $XQA_JIT_MLA_IMPL (default
+    auto)."""
     if impl is not None and impl not in IMPLS:
         raise ValueError(f"xqa_mla: unknown latent kernel implementation {impl!r}; "
                          f"expected one of {sorted(IMPLS)}")
@@ -102,8 +103,8 @@ def _split_plan(mod, dev: int, units: int, span: int):
         upper = max(1, min(fill, merge, shortest, max_splits))
         tiles = -(-span // tile)
 
-        def makespan(s):  # waves x tiles of one block (e.g. 32 units: 4 splits = 1 wave of 32
-            return -(-units * s // target) * -(-tiles // s)  # tiles, not 5 = 2 waves of 26)
+        def makespan(s):  # waves x tiles per block: 32 units of 8k take 4 splits (one wave of
+            return -(-units * s // target) * -(-tiles // s)  # 32 tiles), not 5 (two waves of 26)
 
         splits = min(range(1, upper + 1), key=lambda s: (makespan(s), s))
         if span > 2 * MAX_CHUNK:
