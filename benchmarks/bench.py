@@ -540,7 +540,7 @@ class GpuMonitor:
                 rows.append((ts, parts))
                 if ts < t0:
                     break
-            if rows and rows[0][0] >= t1 or not isinstance(self.proc, subprocess.Popen):
+            if rows and rows[0][0] >= t1:
                 break
             time.sleep(0.05)
         for ts, parts in rows:
