@@ -104,6 +104,23 @@ __device__ __forceinline__ void fp8x8_to_f8(const uint2& u, float (&x)[8]) {
   }
 }
 
+// Eight FP8 values -> eight f16 (exact), packed in 16 bytes.
+template <__nv_fp8_interpretation_t INTERP>
+__device__ __forceinline__ uint4 fp8x8_to_h8(const uint2& u) {
+  uint32_t r[4];
+  const uint32_t w[2] = {u.x, u.y};
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      __half2_raw x = __nv_cvt_fp8x2_to_halfraw2(
+          static_cast<__nv_fp8x2_storage_t>((w[k] >> (16 * h)) & 0xffffu), INTERP);
+      r[2 * k + h] = static_cast<uint32_t>(x.x) | (static_cast<uint32_t>(x.y) << 16);
+    }
+  }
+  return make_uint4(r[0], r[1], r[2], r[3]);
+}
+
 // sin/cos of pos * f where pos * f is reduced modulo 2*pi in extended precision, so large positions
 // keep the accuracy of the float32 frequency table (Hugging Face computes the same angle in float32).
 __device__ __forceinline__ void rope_sincos(float pos, float f, float& s, float& c) {

@@ -38,8 +38,11 @@ static cudaError_t cache_map(const Params& p, KParams* kp) {
   }
   EncodeTiledFn fn = encode_fn();
   if (fn == nullptr) return cudaErrorNotSupported;
-  const CUtensorMapDataType dt = std::is_same<KT, __nv_bfloat16>::value ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
-                                                                        : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  // FP8 (v3): bytes, no swizzle (the kernel expands each group to the 16-bit swizzled layout)
+  const CUtensorMapDataType dt = KV_FP8 ? CU_TENSOR_MAP_DATA_TYPE_UINT8
+                                 : std::is_same<KT, __nv_bfloat16>::value ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                                                          : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  const CUtensorMapSwizzle swz = KV_FP8 ? CU_TENSOR_MAP_SWIZZLE_NONE : CU_TENSOR_MAP_SWIZZLE_128B;
   void* base = const_cast<void*>(static_cast<const void*>(p.kv));
   const int64_t page = int64_t(1) << p.log2_page;
   const cuuint32_t rows = static_cast<cuuint32_t>(page < TILE_N ? page : TILE_N);
@@ -53,7 +56,7 @@ static cudaError_t cache_map(const Params& p, KParams* kp) {
     const cuuint64_t strides[2] = {row_b, page_b};
     const cuuint32_t box[3] = {64, rows, 1};
     if (fn(&map, dt, 3, base, dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
-           CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+           swz, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
       return cudaErrorInvalidValue;
   }
@@ -63,12 +66,12 @@ static cudaError_t cache_map(const Params& p, KParams* kp) {
     const cuuint64_t strides[3] = {row_b, 64 * sizeof(KT), page_b};
     cuuint32_t box[4] = {64, rows, 4, 1};
     if (fn(&map4, dt, 4, base, dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
-           CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+           swz, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
       return cudaErrorInvalidValue;
     box[2] = 5;
     if (fn(&map5, dt, 4, base, dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
-           CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+           swz, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
       return cudaErrorInvalidValue;
   }

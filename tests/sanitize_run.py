@@ -66,6 +66,12 @@ xqa_jit.mla_latent.set_impl("v3")
 o11 = xqa_jit.xqa_mla(q_(300, 16, 576, bf), kvl, ptp, slp.to(dev))
 o12 = xqa_jit.xqa_mla(q_(3, 32, 576, bf), kvl, ptl_bad, torch.tensor([700, 1, 64], dtype=torch.int32, device=dev),
                       return_lse=True)[0]
+# v3 on an e4m3 cache (groups expanded to f16 in shared memory; a bf16 q converted): persistent
+# (128 heads, pages of 64) and split (pages of 8, a tensor scale) launches
+kvl8 = (kvl.float() * 0.5).to(torch.float8_e4m3fn)
+o13 = xqa_jit.xqa_mla(q_(300, 128, 576, bf), kvl8, ptp, slp.to(dev), kv_scale=2.0)
+o14 = xqa_jit.xqa_mla(q_(2, 16, 576, bf), kv8.to(torch.float8_e4m3fn), pt8l,
+                      torch.tensor([1180, 77], dtype=torch.int32, device=dev), kv_scale=torch.tensor([0.5], device=dev))
 # the experimental pair kernel (v4: a cluster of two blocks per request, st.async exchange)
 xqa_jit.mla_latent.set_impl("v4")
 o9 = xqa_jit.xqa_mla(q_(3, 128, 576, bf), kvl, ptl_bad, torch.tensor([700, 1, 64], dtype=torch.int32, device=dev))
@@ -73,6 +79,6 @@ xqa_jit.mla_latent.set_impl(None)
 kvs = torch.randn(20, 16, 2, 256, generator=g).to(dev).to(fp)
 o6 = xqa_jit.xqa_mla(q_(2, 8, 128, fp), kvs, ptt, slt)
 torch.cuda.synchronize()
-for i, t in enumerate((o, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12)):
+for i, t in enumerate((o, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14)):
     assert torch.isfinite(t.float()).all(), f"output {i} not finite"
 print("sanitize_run: all launches completed")

@@ -15,8 +15,9 @@ from xqa_jit.spec import MlaSpec, SpecError, mla_impl_for
 ALL = [MlaSpec(q_dtype=q, kv_dtype=kv, num_heads=h, impl="v2")
        for q, kv in (("fp16", "fp16"), ("bf16", "bf16"), ("fp16", "e4m3"), ("bf16", "e4m3"))
        for h in (16, 32, 64, 128)]
-ALL_V3 = [MlaSpec(q_dtype=q, kv_dtype=q, num_heads=h, impl="v3")
-          for q in ("fp16", "bf16") for h in (16, 32, 64, 128)]
+ALL_V3 = [MlaSpec(q_dtype=q, kv_dtype=kv, num_heads=h, impl="v3")
+          for q, kv in (("fp16", "fp16"), ("bf16", "bf16"), ("fp16", "e4m3"), ("bf16", "e4m3"))
+          for h in (16, 32, 64, 128)]
 ALL_V4 = [MlaSpec(q_dtype=q, kv_dtype=q, num_heads=128, impl="v4") for q in ("fp16", "bf16")]
 
 
@@ -44,9 +45,11 @@ def test_v3_spec():
     assert MlaSpec.parse(v3.name) == v3 and MlaSpec.parse(MlaSpec(impl="v2").name).impl == "v2"
     src = render(v3)
     assert "cp.async.bulk.tensor.3d" in src and "mbarrier.try_wait.parity" in src
-    for bad in (dict(kv_dtype="e4m3"), dict(num_heads=48)):
+    for bad in (dict(kv_dtype="fp16"), dict(num_heads=48)):  # (bf16 q: a 16-bit cache must match it)
         with pytest.raises(SpecError):
             MlaSpec(impl="v3", **bad)
+    fp8 = render(MlaSpec(impl="v3", kv_dtype="e4m3"))  # FP8: f16 MMAs, groups expanded in place
+    assert "CU_TENSOR_MAP_DATA_TYPE_UINT8" in fp8 and ".f32.f16.f16" in fp8 and "KV_FP8 = 1" in fp8
 
 
 def test_v4_spec():
@@ -63,9 +66,11 @@ def test_auto_choice():
     assert mla_impl_for(128, "bf16", "9.0a", 64) == "v3"
     assert mla_impl_for(64, "fp16", "9.0a", 8) == "v3"
     assert mla_impl_for(128, "bf16", "9.0a", 4) == "v2"   # TMA boxes need 8+ rows
-    assert mla_impl_for(128, "e4m3", "9.0a", 64) == "v2"
-    assert mla_impl_for(16, "e4m3", "9.0a", 64) == "v1"   # measured faster than v2 (NOTES v15)
-    assert mla_impl_for(32, "e4m3", "9.0a", 64) == "v2"
+    assert mla_impl_for(128, "e4m3", "9.0a", 64) == "v3"  # FP8 expanded in smem (NOTES v16)
+    assert mla_impl_for(16, "e4m3", "9.0a", 8) == "v3"
+    assert mla_impl_for(128, "e4m3", "9.0a", 4) == "v2"   # pages under 8 tokens: no v3
+    assert mla_impl_for(16, "e4m3", "9.0a", 1) == "v1"    # measured faster than v2 (NOTES v15)
+    assert mla_impl_for(32, "e4m3", "9.0a", 2) == "v2"
     assert mla_impl_for(16, "bf16", "9.0a", 64) == "v3"   # one head group padded to 64 rows
     assert mla_impl_for(32, "fp16", "9.0a", 8) == "v3"
     assert mla_impl_for(16, "bf16", "9.0a", 4) == "v1"

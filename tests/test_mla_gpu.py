@@ -141,6 +141,7 @@ V3_NARROW = [MlaKernel(BF16, BF16, 16), MlaKernel(F16, F16, 32)]
 IMPL_PARAMS = [(i, k) for i in ("v2", "v3") for k in IMPL_CASES] + \
     [(i, k) for i in ("v3", "v1") for k in V3_NARROW] + \
     [("v2", MlaKernel(BF16, E4M3, 16))] + \
+    [("v3", k) for k in (MlaKernel(BF16, E4M3, 16), MlaKernel(BF16, E4M3, 128), MlaKernel(F16, E4M3, 64))] + \
     [("v4", MlaKernel(BF16, BF16, 128)), ("v4", MlaKernel(F16, F16, 128))]
 
 
@@ -148,18 +149,21 @@ IMPL_PARAMS = [(i, k) for i in ("v2", "v3") for k in IMPL_CASES] + \
 def test_latent_impls(gen, k, impl):
     """Each kernel forced, on page sizes that give v3 several copy boxes per tile (8, 32), one
     (64) or a tile inside a larger page (128), with NaN in every row past the requests' ends; odd
-    and even tile counts; one long request split over the SMs."""
+    and even tile counts; one long request split over the SMs. An FP8 cache also gets a float, a
+    tensor and no kv_scale."""
     xqa_jit.mla_latent.set_impl(impl)
+    scales = [0.5, torch.tensor([1.7], device=DEV), None, 1.25] if k.kv == E4M3 else [None] * 4
     try:
-        for P, three_d in [(8, True), (32, False), (64, True), (128, False)]:
+        for (P, three_d), sc in zip([(8, True), (32, False), (64, True), (128, False)], scales):
             lens = edge_lens(P, gen, longest=2000) + [64 * 3, 64 * 4 + 1]
             q, kv, table, seq = latent_case(k, gen, P, lens, three_d)
             bad = poison_tails(kv, table, seq, P)
-            out, lse = xqa_jit.xqa_mla(q, bad, table, seq, sm_scale=DEEPSEEK_SM_SCALE, return_lse=True)
-            ref, ref_lse = mla_reference(q, dequantize(kv, None), table, seq, sm_scale=DEEPSEEK_SM_SCALE,
+            out, lse = xqa_jit.xqa_mla(q, bad, table, seq, sm_scale=DEEPSEEK_SM_SCALE, kv_scale=sc,
+                                       return_lse=True)
+            ref, ref_lse = mla_reference(q, dequantize(kv, sc), table, seq, sm_scale=DEEPSEEK_SM_SCALE,
                                          return_lse=True)
             t = tol(k)
-            msg = f"{k.name} impl={impl} P={P} lens={lens}"
+            msg = f"{k.name} impl={impl} P={P} kv_scale={sc} lens={lens}"
             assert_attn_close(out, ref, atol=t["atol"], rtol=t["rtol"], max_rel=t["max_rel"], msg=msg)
             assert_lse_close(lse, ref_lse, atol=t["lse_atol"], msg=msg)
         q, kv, table, seq = latent_case(k, gen, 64, [12345, 100], False)
@@ -172,7 +176,7 @@ def test_latent_impls(gen, k, impl):
         xqa_jit.mla_latent.set_impl(None)
 
 
-@pytest.mark.parametrize("k", IMPL_CASES + V3_NARROW[:1], ids=kernel_ids)
+@pytest.mark.parametrize("k", IMPL_CASES + V3_NARROW[:1] + [MlaKernel(BF16, E4M3, 128)], ids=kernel_ids)
 def test_latent_persistent(gen, k):
     """v3's persistent launch (one chunk per request, more (request, head group) units than SMs: each
     block runs several units, loading the next unit's q and first tiles under the current one's last
@@ -196,7 +200,8 @@ def test_latent_persistent(gen, k):
                                        sm_scale=DEEPSEEK_SM_SCALE, return_lse=True)
             splits = {v[0] for key, v in xqa_jit.mla_latent._PLANS.items() if key[2] == batch * per_req}
             assert splits == {1}, f"expected a one-chunk (persistent) launch, plan splits {splits}"
-            ref, ref_lse = mla_reference(q, kv, table, seq, sm_scale=DEEPSEEK_SM_SCALE, return_lse=True)
+            ref, ref_lse = mla_reference(q, dequantize(kv, None), table, seq, sm_scale=DEEPSEEK_SM_SCALE,
+                                         return_lse=True)
             t = tol(k)
             msg = f"{k.name} persistent P={P} batch={batch}"
             assert res.data_ptr() == out.data_ptr()

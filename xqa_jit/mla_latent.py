@@ -62,9 +62,9 @@ _IMPL: list = [None]  # set_impl() override; None: $XQA_JIT_MLA_IMPL, default au
 
 
 def set_impl(impl: str | None) -> None:
-    """Select the latent kernel for later calls: "auto" (spec.mla_impl_for: on sm_90a v3 for a
-    16-bit cache with pages of 8+ tokens (any head count), v2 for other 64+-head cases and an
-    FP8 cache with 32+ heads, else v1), "v3" (templates/mla3.cu.jinja, wgmma + TMA), "v1"
+    """Select the latent kernel for later calls: "auto" (spec.mla_impl_for: on sm_90a v3 for
+    pages of 8+ tokens (any head count, 16-bit or FP8 cache), v2 for smaller pages with 64+ heads
+    or an FP8 cache with 32+ heads, else v1), "v3" (templates/mla3.cu.jinja, wgmma + TMA), "v1"
     (templates/mla.cu.jinja, mma.sync), "v2" (templates/mla2.cu.jinja, wgmma, sm_90a), "v4"
     (templates/mla4.cu.jinja, experimental: 128 heads, 16-bit cache, a two-block cluster per
     request, no split-KV; slower than v3 so far), or None to follow $XQA_JIT_MLA_IMPL (default

@@ -164,13 +164,14 @@ MLA_IMPLS = ("v1", "v2", "v3", "v4")
 
 def mla_impl_for(num_heads: int, kv_dtype: str, arch: str, page_size: int = 64) -> str:
     """The latent kernel to use, by what measured fastest on the H100 (benchmarks/NOTES.md):
-    v3 (wgmma, TMA, two warpgroups on two tiles per step; sm_90a) for a 16-bit cache with pages
-    of 8+ tokens, any head count (16 / 32 heads padded to one 64-row group: v15); v2 (wgmma;
-    sm_90a) for the other 64+-head cases and an FP8 cache with 32+ heads; else v1 (mma.sync; with
-    an FP8 cache and 16 heads 207.6 us against v2's 233.4 on the H100, NOTES v15)."""
+    v3 (wgmma, TMA, two warpgroups on two tiles per step; sm_90a) for pages of 8+ tokens, any
+    head count (16 / 32 heads padded to one 64-row group: v15), 16-bit or FP8 cache (FP8 expanded
+    to f16 in shared memory: 1.25-1.40x v1 / v2, v16); with smaller pages v2 (wgmma; sm_90a) for
+    64+ heads and an FP8 cache with 32+ heads; else v1 (mma.sync; with an FP8 cache and 16 heads
+    207.6 us against v2's 233.4 on the H100, NOTES v15)."""
     if not (arch.startswith("9.0") and arch.endswith("a")):
         return "v1"
-    if kv_dtype not in FP8_DTYPES and page_size >= 8:
+    if page_size >= 8:
         return "v3"
     if num_heads >= 64 or (kv_dtype in FP8_DTYPES and num_heads >= 32):
         return "v2"
@@ -184,7 +185,8 @@ class MlaSpec(_SpecBase):
     Keys are the whole ``qk_dim``-wide latent row, values its first ``v_dim`` elements.
     impl: "v1" (templates/mla.cu.jinja, mma.sync, any sm_80+), "v2" (templates/mla2.cu.jinja,
     wgmma with two warpgroups, sm_90a only) or "v3" (templates/mla3.cu.jinja, wgmma + TMA, two
-    warpgroups on two tiles per step, sm_90a, 16-bit caches, 16-128 heads, pages of 8+ tokens) or
+    warpgroups on two tiles per step, sm_90a, 16-128 heads, pages of 8+ tokens; an FP8 cache is
+    expanded to f16 in shared memory) or
     "v4" (templates/mla4.cu.jinja, experimental: a cluster of two blocks per request splitting the
     latent dims, 128 heads, 16-bit caches, one chunk per request; never chosen by mla_impl_for).
     """
@@ -219,8 +221,6 @@ class MlaSpec(_SpecBase):
                f"got qk_dim={self.qk_dim}, v_dim={self.v_dim}")
         _check(isinstance(self.debug, bool), "debug must be a bool")
         _check(self.impl in MLA_IMPLS, f"MLA impl must be one of {MLA_IMPLS}, got {self.impl!r}")
-        _check(self.impl != "v3" or self.kv_dtype not in FP8_DTYPES,
-               f"MLA impl v3 takes a 16-bit cache, got kv_dtype={self.kv_dtype}")
         _check(self.impl != "v4" or (self.kv_dtype not in FP8_DTYPES and self.num_heads == 128),
                f"MLA impl v4 takes a 16-bit cache and 128 heads, got kv_dtype={self.kv_dtype}, "
                f"num_heads={self.num_heads}")
