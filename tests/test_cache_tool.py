@@ -147,16 +147,16 @@ def test_gemma3_text_config_and_linear_rope():
 
 def test_deepseek_v3_mla():
     # fp8 weights, bf16 cache; on sm_90a the TMA kernel (v3) for pages of 8+ tokens and the wgmma
-    # kernel (v2) for smaller pages; v2 for an FP8 cache
+    # kernel (v2) for smaller pages, for a 16-bit and an FP8 cache alike
     assert specs_for_model(DEEPSEEK_V3) == [MlaSpec(num_heads=128, impl="v3"),
                                             MlaSpec(num_heads=128, impl="v2")]
     assert specs_for_model(DEEPSEEK_V3, kv_dtypes=("auto", "fp8"), spec_len=4) == [
         MlaSpec(num_heads=128, impl="v3"), MlaSpec(num_heads=128, impl="v2"),
-        MlaSpec(num_heads=128, kv_dtype="e4m3", impl="v2")]
+        MlaSpec(num_heads=128, kv_dtype="e4m3", impl="v3"), MlaSpec(num_heads=128, kv_dtype="e4m3", impl="v2")]
     assert specs_for_model(DEEPSEEK_V3, tp=8) == [MlaSpec(num_heads=16, impl="v3"),
                                                   MlaSpec(num_heads=16)]  # v1 for pages under 8
     assert specs_for_model(DEEPSEEK_V3, tp=8, kv_dtypes=("fp8",)) == [
-        MlaSpec(num_heads=16, kv_dtype="e4m3")]
+        MlaSpec(num_heads=16, kv_dtype="e4m3", impl="v3"), MlaSpec(num_heads=16, kv_dtype="e4m3")]
     assert specs_for_model(DEEPSEEK_V3, arch="8.0") == [MlaSpec(num_heads=128)]  # no wgmma
 
 
