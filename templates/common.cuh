@@ -87,23 +87,6 @@ __device__ __forceinline__ uint4 f8_to_u4(const float (&x)[8]) {
                     pack2<T>(x[6], x[7]));
 }
 
-// Eight FP8 values (8 bytes) -> eight floats, exactly (e4m3 and e5m2 are subsets of f16).
-template <__nv_fp8_interpretation_t INTERP>
-__device__ __forceinline__ void fp8x8_to_f8(const uint2& u, float (&x)[8]) {
-  const uint32_t w[2] = {u.x, u.y};
-#pragma unroll
-  for (int k = 0; k < 2; ++k) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      __half2_raw r = __nv_cvt_fp8x2_to_halfraw2(
-          static_cast<__nv_fp8x2_storage_t>((w[k] >> (16 * h)) & 0xffffu), INTERP);
-      float2 f = __half22float2(*reinterpret_cast<__half2*>(&r));
-      x[4 * k + 2 * h] = f.x;
-      x[4 * k + 2 * h + 1] = f.y;
-    }
-  }
-}
-
 // Eight FP8 values -> eight f16 (exact), packed in 16 bytes.
 template <__nv_fp8_interpretation_t INTERP>
 __device__ __forceinline__ uint4 fp8x8_to_h8(const uint2& u) {
@@ -119,6 +102,12 @@ __device__ __forceinline__ uint4 fp8x8_to_h8(const uint2& u) {
     }
   }
   return make_uint4(r[0], r[1], r[2], r[3]);
+}
+
+// Eight FP8 values (8 bytes) -> eight floats, exactly (e4m3 and e5m2 are subsets of f16).
+template <__nv_fp8_interpretation_t INTERP>
+__device__ __forceinline__ void fp8x8_to_f8(const uint2& u, float (&x)[8]) {
+  u4_to_f8<__half>(fp8x8_to_h8<INTERP>(u), x);
 }
 
 // sin/cos of pos * f where pos * f is reduced modulo 2*pi in extended precision, so large positions
